@@ -1,0 +1,50 @@
+"""One fixture for the whole suite: every array-touching test runs on numpy and cupy.
+
+The cupy case carries the ``gpu`` marker and is skipped, with the reason, where CuPy
+or a usable GPU is absent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpnet import backend
+
+_GPU_SKIP_REASON: str | None = None
+try:
+    backend._import_cupy()
+except backend.BackendError as exc:  # CuPy missing or no GPU: say which
+    _GPU_SKIP_REASON = str(exc)
+
+BACKEND_PARAMS = [
+    pytest.param("numpy", id="numpy"),
+    pytest.param(
+        "cupy",
+        id="cupy",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(_GPU_SKIP_REASON is not None, reason=f"{_GPU_SKIP_REASON}"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def xp(request):
+    """The array module under test, made the active xpnet backend for the test."""
+    with backend.use_backend(request.param) as module:
+        backend.seed(0)
+        yield module
+    backend.seed(None)
+
+
+@pytest.fixture
+def rng():
+    """A seeded host random generator for test inputs."""
+    return np.random.default_rng(12345)
+
+
+def to_numpy(a):
+    """Host copy of an array from either backend (for assertions)."""
+    return backend.to_cpu(a)

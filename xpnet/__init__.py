@@ -1,0 +1,3 @@
+"""xpnet: deep learning from scratch on NumPy (CPU) or CuPy (NVIDIA GPU)."""
+
+__version__ = "0.1.0"
