@@ -48,6 +48,21 @@ class Layer:
         """The array module of the inputs and this layer's parameters, checked to agree."""
         return check_same_backend(self.name, **arrays, **self.params)
 
+    def _workspace(self, name: str, xp: Any, shape: tuple, dtype: Any,
+                   zero: bool = False) -> tuple[Array, bool]:
+        """A scratch buffer kept across calls, so a training loop allocates once.
+
+        Returns (buffer, fresh); ``fresh`` is True when it was just (re)allocated.
+        """
+        cache = self.__dict__.setdefault("_scratch", {})
+        buf = cache.get(name)
+        if buf is not None and buf.shape == shape and buf.dtype == dtype \
+                and isinstance(buf, xp.ndarray):
+            return buf, False
+        buf = (xp.zeros if zero else xp.empty)(shape, dtype=dtype)
+        cache[name] = buf
+        return buf, True
+
     def _need_forward(self, attr: str) -> None:
         if getattr(self, attr, None) is None:
             raise RuntimeError(f"{self.name}.backward called before forward")
@@ -55,3 +70,24 @@ class Layer:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
         return f"{self.name}({shapes})"
+
+
+def expect(condition: bool, layer: str, what: str, expected: Any, received: Any,
+           exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc`` naming the layer, the quantity, and the expected vs received value."""
+    if not condition:
+        raise exc(f"{layer}: {what}: expected {expected}, received {received}")
+
+
+def expect_float_input(layer: str, x: Array, dtype: Any = None) -> None:
+    """``x`` must be a non-empty float array (of ``dtype``, the parameters' dtype, if given)."""
+    expect(hasattr(x, "dtype") and hasattr(x, "shape"), layer, "input type",
+           "an ndarray", type(x).__name__, TypeError)
+    if dtype is None:
+        expect(x.dtype.kind == "f", layer, "input dtype", "a floating dtype", x.dtype,
+               TypeError)
+    else:
+        expect(x.dtype == dtype, layer, "input dtype", f"{dtype} (the parameters' dtype)",
+               x.dtype, TypeError)
+    expect(x.ndim >= 1 and x.shape[0] > 0, layer, "batch size", "at least 1",
+           x.shape[0] if x.ndim else "a 0-d array")

@@ -1,0 +1,28 @@
+"""Layers: forward/backward pairs over the active array backend.
+
+Every layer follows the protocol in :mod:`xpnet.layers.base`.
+"""
+
+from xpnet.layers.activation import ReLU, Sigmoid, Tanh
+from xpnet.layers.base import Layer
+from xpnet.layers.conv import Convolution
+from xpnet.layers.dense import Affine, Flatten
+from xpnet.layers.dropout import Dropout
+from xpnet.layers.loss import SoftmaxWithLoss
+from xpnet.layers.norm import BatchNormalization
+from xpnet.layers.pool import AvgPooling, Pooling
+
+__all__ = [
+    "Layer",
+    "Affine",
+    "Flatten",
+    "ReLU",
+    "Sigmoid",
+    "Tanh",
+    "Convolution",
+    "Pooling",
+    "AvgPooling",
+    "BatchNormalization",
+    "Dropout",
+    "SoftmaxWithLoss",
+]

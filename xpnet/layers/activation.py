@@ -1,0 +1,54 @@
+"""Element-wise activations.  Shapes are unchanged: x (any) -> y (same)."""
+
+from __future__ import annotations
+
+from xpnet.layers.base import Array, Layer, expect_float_input
+
+
+class ReLU(Layer):
+    """y = max(x, 0).  Unlike the book, neither x nor dout is modified in place."""
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        expect_float_input(self.name, x)
+        xp = self._xp(x=x)
+        self.mask = x > 0
+        return xp.multiply(x, self.mask, dtype=x.dtype)
+
+    def backward(self, dout: Array) -> Array:
+        self._need_forward("mask")
+        xp = self._xp(dout=dout, mask=self.mask)
+        return xp.multiply(dout, self.mask, dtype=dout.dtype)
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2: no overflow at +-1000."""
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        expect_float_input(self.name, x)
+        xp = self._xp(x=x)
+        half = x.dtype.type(0.5)
+        out = xp.tanh(x * half)
+        out += 1
+        out *= half
+        self.out = out
+        return out
+
+    def backward(self, dout: Array) -> Array:
+        self._need_forward("out")
+        self._xp(dout=dout, out=self.out)
+        return dout * (1 - self.out) * self.out
+
+
+class Tanh(Layer):
+    """y = tanh(x)."""
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        expect_float_input(self.name, x)
+        xp = self._xp(x=x)
+        self.out = xp.tanh(x)
+        return self.out
+
+    def backward(self, dout: Array) -> Array:
+        self._need_forward("out")
+        self._xp(dout=dout, out=self.out)
+        return dout * (1 - self.out * self.out)

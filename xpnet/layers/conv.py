@@ -1,0 +1,143 @@
+"""Convolution by im2col, processed in cache-sized chunks of the batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xpnet.layers.base import Array, Layer, expect, expect_float_input
+from xpnet.layers.im2col import crop_padding, fill_cols, geometry, pad_into, scatter_cols
+
+# On the CPU the patch matrix of a whole batch (tens of MB) falls out of cache
+# between im2col and the GEMM; chunks of about this many bytes stay in cache.
+# On the GPU one chunk is the whole batch.
+CPU_CHUNK_BYTES = 4 << 20
+GPU_CHUNK_BYTES = 1 << 30
+
+
+def chunk_size(xp: Any, n: int, bytes_per_image: int) -> int:
+    """How many images to process at once."""
+    budget = CPU_CHUNK_BYTES if xp.__name__ == "numpy" else GPU_CHUNK_BYTES
+    return max(1, min(n, budget // max(1, bytes_per_image)))
+
+
+class Convolution(Layer):
+    """2-D convolution (cross-correlation, as in the book).
+
+    W: (FN, C, KH, KW), b: (FN,).  x: (N, C, H, W) -> y: (N, FN, OH, OW) with
+    OH = (H + 2*pad - KH) / stride + 1, which must be a whole number.
+
+    Unlike the book, the patch matrix is not kept between forward and backward:
+    backward rebuilds it chunk by chunk, which is cheaper than reading tens of MB
+    back from memory, and keeps the layer's memory bounded for large batches.
+    """
+
+    def __init__(self, W: Array, b: Array, stride: int = 1, pad: int = 0) -> None:
+        super().__init__()
+        expect(W.ndim == 4, self.name, "W.ndim", 4, W.ndim)
+        expect(b.shape == (W.shape[0],), self.name, "b.shape", (W.shape[0],), tuple(b.shape))
+        expect(int(stride) >= 1, self.name, "stride", ">= 1", stride)
+        expect(int(pad) >= 0, self.name, "pad", ">= 0", pad)
+        self.params = {"W": W, "b": b}
+        self.stride, self.pad = int(stride), int(pad)
+        self.x: Array | None = None
+
+    def _geometry(self, x: Array):
+        fn, c, kh, kw = self.params["W"].shape
+        name = self.name
+        expect(x.ndim == 4, name, "input ndim (N, C, H, W)", 4, x.ndim)
+        expect(x.shape[1] == c, name, "input channels", c, x.shape[1])
+        h, w = x.shape[2] + 2 * self.pad, x.shape[3] + 2 * self.pad
+        expect(h >= kh and w >= kw, name, "padded input size",
+               f">= kernel {(kh, kw)}", (h, w))
+        for axis, size, k in (("height", h, kh), ("width", w, kw)):
+            expect((size - k) % self.stride == 0, name,
+                   f"(padded {axis} - kernel) divisible by stride {self.stride}",
+                   "a whole output size", f"{size} - {k} = {size - k}")
+        return geometry(x.shape, kh, kw, self.stride, self.pad)
+
+    def _chunks(self, tag: str, xp: Any, x: Array, g):
+        """Yield (start, stop, col) over the batch, col being im2col of x[start:stop]."""
+        n = x.shape[0]
+        step = chunk_size(xp, n, g.ckk * g.length * x.dtype.itemsize)
+        padded, fresh = self._workspace(tag + "padded", xp, g.padded_shape(step), x.dtype)
+        col, _ = self._workspace(tag + "col", xp, g.col_shape(step), x.dtype)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            pad_into(x[start:stop], g, padded[: stop - start], fresh=fresh)
+            fresh = False
+            yield start, stop, fill_cols(padded[: stop - start], g, col[: stop - start])
+
+    def _dout_cols(self, xp: Any, dout: Array, start: int, stop: int, g, step: int) -> Array:
+        """dout[start:stop] as (m, FN, OH*pitch), matching the columns of ``col``."""
+        m, fn = stop - start, dout.shape[1]
+        if g.pitch == g.ow:
+            return dout[start:stop].reshape(m, fn, g.length)
+        # Junk columns kept at zero so that they contribute nothing.
+        buf, _ = self._workspace("dcols", xp, (step, fn, g.length), dout.dtype, zero=True)
+        buf[:m].reshape(m, fn, g.oh, g.pitch)[..., : g.ow] = dout[start:stop]
+        return buf[:m]
+
+    def _correlate(self, tag: str, xp: Any, x: Array, g, W2: Array, out: Array,
+                   bias: Array | float = 0.0) -> Array:
+        """out = W2 (FN, C*KH*KW) applied to every patch of x, plus bias."""
+        fn = W2.shape[0]
+        y = None
+        for start, stop, col in self._chunks(tag, xp, x, g):
+            if y is None:
+                y, _ = self._workspace(tag + "y", xp, (col.shape[0], fn, g.length), x.dtype)
+            m = stop - start
+            xp.matmul(W2, col, out=y[:m])
+            # Crop the junk columns and add the bias in one pass.
+            xp.add(y[:m].reshape(m, fn, g.oh, g.pitch)[..., : g.ow], bias, out=out[start:stop])
+        return out
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        W, b = self.params["W"], self.params["b"]
+        xp = self._xp(x=x)
+        expect_float_input(self.name, x, W.dtype)
+        g = self._geometry(x)
+        fn = W.shape[0]
+        out = xp.empty((x.shape[0], fn, g.oh, g.ow), dtype=x.dtype)
+        self._correlate("f", xp, x, g, W.reshape(fn, -1), out, b.reshape(1, fn, 1, 1))
+        self.x, self._g = x, g
+        return out
+
+    def backward(self, dout: Array) -> Array:
+        self._need_forward("x")
+        x, g = self.x, self._g
+        W = self.params["W"]
+        xp = self._xp(x=x, dout=dout)
+        fn, _, kh, kw = W.shape
+        expect(dout.shape == (x.shape[0], fn, g.oh, g.ow), self.name, "dout.shape",
+               (x.shape[0], fn, g.oh, g.ow), tuple(dout.shape))
+        dW = xp.zeros((fn, g.ckk), dtype=W.dtype)
+        for start, stop, col in self._chunks("f", xp, x, g):
+            d = self._dout_cols(xp, dout, start, stop, g, col.shape[0])
+            dW += xp.matmul(d, col.transpose(0, 2, 1)).sum(axis=0)
+        self.grads = {"W": dW.reshape(W.shape), "b": dout.sum(axis=(0, 2, 3))}
+        return self._input_gradient(xp, dout, g)
+
+    def _input_gradient(self, xp: Any, dout: Array, g) -> Array:
+        W = self.params["W"]
+        fn, c, kh, kw = W.shape
+        dx = xp.empty(self.x.shape, dtype=dout.dtype)
+        if g.stride == 1 and kh == kw and g.pad <= kh - 1:
+            # At stride 1 the input gradient is itself a correlation: dout padded
+            # by K-1-pad, kernels flipped, in/out channels swapped.  One more
+            # im2col + GEMM beats GEMM + col2im's KH*KW read-modify-writes.
+            Wt = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            gt = geometry(dout.shape, kh, kw, 1, kh - 1 - g.pad)
+            return self._correlate("b", xp, dout, gt, Wt.reshape(c, -1), dx)
+        # General case: dcol = W^T dout, then col2im.
+        W2T = xp.ascontiguousarray(W.reshape(fn, -1).T)
+        n = dout.shape[0]
+        step = chunk_size(xp, n, g.ckk * g.length * dout.dtype.itemsize)
+        dcol, _ = self._workspace("dcol", xp, g.col_shape(step), dout.dtype)
+        dpadded, _ = self._workspace("dpadded", xp, g.padded_shape(step), dout.dtype)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            m = stop - start
+            xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g, step), out=dcol[:m])
+            scatter_cols(dcol[:m], g, dpadded[:m])
+            dx[start:stop] = crop_padding(dpadded[:m], g)
+        return dx

@@ -1,0 +1,123 @@
+"""Max and average pooling, looping over window offsets only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xpnet.layers.base import Array, Layer, expect, expect_float_input
+from xpnet.layers.im2col import crop_padding, geometry, pad_into, window_view
+
+
+class _Pool2d(Layer):
+    """Shared geometry and checks of the pooling layers (no parameters)."""
+
+    pad_value = 0.0
+
+    def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0) -> None:
+        super().__init__()
+        for what, v, low in (("pool_h", pool_h, 1), ("pool_w", pool_w, 1),
+                             ("stride", stride, 1), ("pad", pad, 0)):
+            expect(int(v) == v and v >= low, self.name, what, f"an integer >= {low}", v)
+        expect(2 * pad <= min(pool_h, pool_w), self.name, "pad",
+               f"<= half the window ({min(pool_h, pool_w) // 2})", pad)
+        self.pool_h, self.pool_w = int(pool_h), int(pool_w)
+        self.stride, self.pad = int(stride), int(pad)
+        self.x_shape: tuple | None = None
+
+    def _geometry(self, x: Array):
+        name = self.name
+        expect_float_input(name, x)
+        expect(x.ndim == 4, name, "input ndim (N, C, H, W)", 4, x.ndim)
+        h, w = x.shape[2] + 2 * self.pad, x.shape[3] + 2 * self.pad
+        expect(h >= self.pool_h and w >= self.pool_w, name, "padded input size",
+               f">= window {(self.pool_h, self.pool_w)}", (h, w))
+        for axis, size, k in (("height", h, self.pool_h), ("width", w, self.pool_w)):
+            expect((size - k) % self.stride == 0, name,
+                   f"(padded {axis} - window) divisible by stride {self.stride}",
+                   "a whole output size", f"{size} - {k} = {size - k}")
+        return geometry(x.shape, self.pool_h, self.pool_w, self.stride, self.pad,
+                        contiguous_rows=False)
+
+    def _padded(self, xp: Any, x: Array, g) -> Array:
+        if g.pad == 0:
+            return x
+        buf = xp.empty(g.padded_shape(x.shape[0]), dtype=x.dtype)
+        return pad_into(x, g, buf, value=self.pad_value)
+
+    def _windows(self, g):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                yield i * g.kw + j, i, j
+
+    def _scatter(self, xp: Any, g, n: int, dtype, parts) -> Array:
+        """Sum per-offset gradients (index, (N, C, OH, OW)) into dx (N, C, H, W)."""
+        dpad = xp.zeros(g.padded_shape(n), dtype=dtype)
+        for i, j, part in parts:
+            window_view(dpad, i, j, g.oh, g.ow, g.stride)[...] += part
+        return dpad if g.pad == 0 else xp.ascontiguousarray(crop_padding(dpad, g))
+
+
+class Pooling(_Pool2d):
+    """Max pooling.  x: (N, C, H, W) -> (N, C, OH, OW).
+
+    Unlike the book, ``pad`` is honoured (padding with -inf, so a padded cell
+    never wins).  The gradient goes to the first maximum of each window.
+    """
+
+    pad_value = float("-inf")
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        xp = self._xp(x=x)
+        g = self._geometry(x)
+        xpad = self._padded(xp, x, g)
+        out = argmax = None
+        for k, i, j in self._windows(g):
+            v = window_view(xpad, i, j, g.oh, g.ow, g.stride)
+            if out is None:
+                out = v.copy()
+                argmax = xp.zeros(out.shape, dtype=xp.uint8)
+            else:
+                better = v > out
+                xp.copyto(out, v, where=better)
+                argmax[better] = k
+        self.x_shape, self._g, self._argmax = x.shape, g, argmax
+        return out
+
+    def backward(self, dout: Array) -> Array:
+        self._need_forward("x_shape")
+        g, argmax = self._g, self._argmax
+        xp = self._xp(dout=dout, argmax=argmax)
+        expect(dout.shape == argmax.shape, self.name, "dout.shape", tuple(argmax.shape),
+               tuple(dout.shape))
+        zero = dout.dtype.type(0)
+        parts = ((i, j, xp.where(argmax == k, dout, zero)) for k, i, j in self._windows(g))
+        return self._scatter(xp, g, dout.shape[0], dout.dtype, parts)
+
+
+class AvgPooling(_Pool2d):
+    """Average pooling.  x: (N, C, H, W) -> (N, C, OH, OW).
+
+    Padded cells count as zeros in the average (PyTorch's count_include_pad=True).
+    """
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        xp = self._xp(x=x)
+        g = self._geometry(x)
+        xpad = self._padded(xp, x, g)
+        out = None
+        for _, i, j in self._windows(g):
+            v = window_view(xpad, i, j, g.oh, g.ow, g.stride)
+            out = v.copy() if out is None else xp.add(out, v, out=out)
+        out *= out.dtype.type(1.0 / (g.kh * g.kw))
+        self.x_shape, self._g = x.shape, g
+        return out
+
+    def backward(self, dout: Array) -> Array:
+        self._need_forward("x_shape")
+        g = self._g
+        xp = self._xp(dout=dout)
+        expect(dout.shape == (self.x_shape[0], self.x_shape[1], g.oh, g.ow), self.name,
+               "dout.shape", (self.x_shape[0], self.x_shape[1], g.oh, g.ow), tuple(dout.shape))
+        share = dout * dout.dtype.type(1.0 / (g.kh * g.kw))
+        parts = ((i, j, share) for _, i, j in self._windows(g))
+        return self._scatter(xp, g, dout.shape[0], dout.dtype, parts)

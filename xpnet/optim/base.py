@@ -1,0 +1,396 @@
+"""The optimizer base class: per-key state, validation, step counter, checkpoints.
+
+Subclasses declare the names of their per-parameter state arrays (``slot_names``),
+their hyperparameters (``hyper_names``) and implement :meth:`Optimizer._update_one`,
+the update of one parameter array in place.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy
+
+from xpnet.backend import BackendMismatchError, get_array_module, to_cpu
+from xpnet.optim.clip import clip_grad_norm
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+__all__ = ["Optimizer", "GradientMismatchError"]
+
+
+class GradientMismatchError(KeyError, ValueError):
+    """``grads`` does not match ``params``: a key is missing or a shape differs.
+
+    A subclass of both KeyError and ValueError, so either ``except`` catches it.
+    """
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _copy_to(a: Array, module: ModuleType, dtype: Any) -> Array:
+    """A fresh copy of ``a`` on ``module``'s device with ``dtype``."""
+    if module is numpy:
+        return numpy.array(to_cpu(a), dtype=dtype, copy=True)
+    return module.array(a, dtype=dtype, copy=True)
+
+
+# allowed values of hyperparameters: (description, test)
+_NONNEG: tuple[str, Callable[[float], bool]] = (">= 0", lambda v: v >= 0)
+_POSITIVE: tuple[str, Callable[[float], bool]] = ("> 0", lambda v: v > 0)
+_UNIT: tuple[str, Callable[[float], bool]] = ("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _shape(a: Any) -> tuple[int, ...] | None:
+    shape = getattr(a, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+class Optimizer:
+    """Base class of the optimizers: ``update(params, grads)`` changes ``params`` in place.
+
+    ``params`` and ``grads`` are dicts of arrays with the same keys and shapes (the
+    book's convention); extra keys in ``grads`` are ignored.  The arrays in
+    ``params`` are updated in place and never replaced, since layers share them.
+
+    Per-key state (``slot_names``, e.g. Adam's ``m`` and ``v``) is allocated lazily
+    with ``zeros_like`` on the first update of a key, on the parameter's own backend
+    and with its dtype; a scratch buffer per key holds intermediate results so a
+    step allocates no temporaries.
+
+    Attributes:
+        lr: the learning rate, a Python float; schedules change it between steps.
+        step_count: number of completed ``update`` calls (Adam's ``iter``).
+        clip_norm: if not None, ``clip_grad_norm(grads, clip_norm)`` is applied to
+            the gradients of ``params`` (in place) before each update.
+        last_grad_norm: the global gradient norm measured by the last clipped
+            update (None when ``clip_norm`` is None).
+    """
+
+    slot_names: ClassVar[tuple[str, ...]] = ()
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr",)
+    #: allowed range per hyperparameter; names not listed must be >= 0
+    hyper_rules: ClassVar[dict[str, tuple[str, Callable[[float], bool]]]] = {
+        "lr": _NONNEG, "clip_norm": _POSITIVE}
+
+    clip_norm: float | None
+
+    def __init__(self, *, clip_norm: float | None = None, **hyper: float) -> None:
+        """``hyper`` holds a value for each of ``hyper_names`` (at least ``lr``)."""
+        hyper = {**hyper, "clip_norm": clip_norm}
+        expected = {*self.hyper_names, "clip_norm"}
+        if set(hyper) != expected:
+            raise TypeError(f"{type(self).__name__}: expected hyperparameters "
+                            f"{sorted(expected)}, got {sorted(hyper)}")
+        problems = self._check_hyper(hyper)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self._apply_hyper(hyper)
+        self.step_count = 0
+        self.last_grad_norm: float | None = None
+        self._slots: dict[str, dict[str, Array]] = {name: {} for name in self.slot_names}
+        self._scratch: dict[str, Array] = {}
+
+    # ------------------------------------------------------------ hyperparameters
+    @property
+    def lr(self) -> float:
+        """The learning rate (a Python float, so float32 updates stay float32)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{type(self).__name__}.lr must be a finite number >= 0, "
+                             f"got {value!r}")
+        self._lr = float(value)
+
+    def _check_hyper(self, hyper: Mapping[str, Any]) -> list[str]:
+        """Problems with a full set of hyperparameter values (empty list: all good)."""
+        problems = []
+        for name in (*self.hyper_names, "clip_norm"):
+            value = hyper[name]
+            if name == "clip_norm" and value is None:
+                continue
+            if not _is_number(value) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+                continue
+            text, ok = self.hyper_rules.get(name, _NONNEG)
+            if not ok(value):
+                problems.append(f"{name} must be {text}, got {value!r}")
+        return problems
+
+    def _apply_hyper(self, hyper: Mapping[str, Any]) -> None:
+        for name in self.hyper_names:
+            setattr(self, name, float(hyper[name]))
+        clip = hyper["clip_norm"]
+        self.clip_norm = None if clip is None else float(clip)
+
+    def hyper(self) -> dict[str, float | None]:
+        """The hyperparameters as JSON-able Python scalars."""
+        out: dict[str, float | None] = {name: float(getattr(self, name))
+                                        for name in self.hyper_names}
+        out["clip_norm"] = self.clip_norm
+        return out
+
+    # ----------------------------------------------------------------- update
+    def update(self, params: Mapping[str, Array], grads: Mapping[str, Array]) -> None:
+        """Apply one optimization step to every array of ``params``, in place.
+
+        Raises GradientMismatchError (a KeyError and ValueError) naming every key
+        whose gradient is missing or has another shape than its parameter, and
+        BackendMismatchError when a parameter and its gradient live on different
+        devices. Nothing is changed when it raises.
+        """
+        self._check_grads(params, grads)
+        if self.clip_norm is not None:
+            self.last_grad_norm = clip_grad_norm([grads[k] for k in params], self.clip_norm)
+        self.step_count += 1
+        self._begin_step()
+        for key, p in params.items():
+            g = grads[key]
+            module = get_array_module(p)
+            slots = {name: self._slot(name, key, p, module) for name in self.slot_names}
+            self._update_one(module, key, p, g, slots, self._scratch_for(key, p, module))
+
+    def _check_grads(self, params: Mapping[str, Array], grads: Mapping[str, Array]) -> None:
+        problems = []
+        name = type(self).__name__
+        for key, p in params.items():
+            pshape = _shape(p)
+            if pshape is None or getattr(p, "dtype", None) is None:
+                problems.append(f"param {key!r} is not an array ({type(p).__name__})")
+                continue
+            if p.dtype.kind != "f":
+                problems.append(f"param {key!r} has dtype {p.dtype}; only floating-point "
+                                "arrays can be optimized")
+            if key not in grads:
+                problems.append(f"no gradient for param {key!r} (shape {pshape})")
+                continue
+            g = grads[key]
+            gshape = _shape(g)
+            if gshape is None:
+                problems.append(f"gradient of {key!r} is {type(g).__name__}, not an array")
+            elif gshape != pshape:
+                problems.append(f"gradient of {key!r} has shape {gshape}, "
+                                f"param has shape {pshape}")
+            else:
+                try:
+                    get_array_module(p, g)
+                except BackendMismatchError:
+                    raise BackendMismatchError(
+                        f"{name}.update: param {key!r} and its gradient are on different "
+                        "devices (NumPy and CuPy); move them to one device first") from None
+            for slot, table in self._slots.items():
+                a = table.get(key)
+                if a is not None and tuple(a.shape) != pshape:
+                    problems.append(f"state {slot!r} of param {key!r} has shape "
+                                    f"{tuple(a.shape)}, param has shape {pshape} (call "
+                                    "reset() after changing the model)")
+        if problems:
+            raise GradientMismatchError(f"{name}.update: " + "; ".join(problems))
+
+    def _slot(self, name: str, key: str, p: Array, module: ModuleType) -> Array:
+        """State array ``name`` of ``key``, allocated (zeros) or moved to ``p``'s device."""
+        table = self._slots[name]
+        a = table.get(key)
+        if a is None:
+            a = table[key] = module.zeros_like(p)
+        elif a.dtype != p.dtype or get_array_module(a) is not module:
+            # loaded from a checkpoint made on another device or with another dtype
+            a = table[key] = _copy_to(a, module, p.dtype)
+        return a
+
+    def _scratch_for(self, key: str, p: Array, module: ModuleType) -> Array:
+        """The reusable scratch buffer of ``key`` (same shape, dtype, device as ``p``)."""
+        s = self._scratch.get(key)
+        if (s is None or s.shape != p.shape or s.dtype != p.dtype
+                or get_array_module(s) is not module):
+            s = self._scratch[key] = module.empty_like(p)
+        return s
+
+    def _begin_step(self) -> None:
+        """Hook run once per update after ``step_count`` is advanced (e.g. Adam's lr_t)."""
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        """Update ``p`` in place from gradient ``g``.
+
+        ``xp`` is ``p``'s array module, ``slots`` its state arrays by slot name and
+        ``s`` a scratch buffer like ``p`` whose contents may be overwritten.
+        """
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget all per-key state and the step counter (hyperparameters stay)."""
+        self.step_count = 0
+        self.last_grad_norm = None
+        self._slots = {name: {} for name in self.slot_names}
+        self._scratch = {}
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot for checkpoints.
+
+        ``{'type': 'Adam', 'hyper': {...}, 'step': int, 'slots': {'m': {key: array},
+        ...}}``; ``hyper`` holds JSON-able Python scalars, the arrays are copies that
+        stay on the device they live on.
+        """
+        return {
+            "type": type(self).__name__,
+            "hyper": self.hyper(),
+            "step": int(self.step_count),
+            "slots": {name: {key: a.copy() for key, a in table.items()}
+                      for name, table in self._slots.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any],
+                        params: Mapping[str, Array] | None = None) -> None:
+        """Restore a :meth:`state_dict` snapshot (hyperparameters, step and state).
+
+        Checks the type, the top-level keys, the hyperparameters, the step, the slot
+        names and, per key, that all slots agree in shape. If ``params`` is given, the
+        slot keys must be exactly its keys with the same shapes, and the arrays are
+        copied to the params' device and dtype; otherwise, if this optimizer already
+        holds state, the keys and shapes must match that state (arrays are then moved
+        to the params' device on the next update if needed).
+
+        Raises ValueError listing every problem found; nothing is changed then.
+        """
+        name = type(self).__name__
+        problems: list[str] = []
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{name}.load_state_dict: expected a dict from state_dict(), "
+                             f"got {type(state).__name__}")
+        expected_top = {"type", "hyper", "step", "slots"}
+        for k in sorted(expected_top - set(state)):
+            problems.append(f"missing entry {k!r}")
+        for k in sorted(set(state) - expected_top, key=str):
+            problems.append(f"unexpected entry {k!r}")
+        if "type" in state and state["type"] != name:
+            problems.append(f"type is {state['type']!r}, this optimizer is {name!r}")
+
+        hyper = state.get("hyper")
+        if "hyper" in state:
+            if not isinstance(hyper, Mapping):
+                problems.append(f"hyper must be a dict, got {type(hyper).__name__}")
+                hyper = None
+            else:
+                expected = {*self.hyper_names, "clip_norm"}
+                missing = expected - set(hyper)
+                extra = set(hyper) - expected
+                problems += [f"hyper: missing {k!r}" for k in sorted(missing)]
+                problems += [f"hyper: unexpected {k!r}" for k in sorted(extra, key=str)]
+                if not missing:
+                    problems += [f"hyper: {p}" for p in self._check_hyper(hyper)]
+
+        step = state.get("step")
+        if "step" in state and (not isinstance(step, numbers.Integral)
+                                or isinstance(step, bool) or step < 0):
+            problems.append(f"step must be a non-negative int, got {step!r}")
+
+        slots = state.get("slots")
+        shapes: dict[str, tuple[int, ...]] = {}
+        if "slots" in state:
+            if not isinstance(slots, Mapping):
+                problems.append(f"slots must be a dict, got {type(slots).__name__}")
+                slots = None
+            else:
+                problems += self._check_slots(slots, shapes)
+
+        if params is not None:
+            reference = {k: _shape(p) for k, p in params.items()}
+            where = "params"
+        elif any(self._slots.values()):
+            reference = {}
+            for table in self._slots.values():
+                reference.update({k: tuple(a.shape) for k, a in table.items()})
+            where = "the state this optimizer already holds"
+        else:
+            reference, where = None, ""
+        if reference is not None and slots is not None and self.slot_names:
+            for k in sorted(set(reference) - set(shapes), key=str):
+                problems.append(f"slots: no state for key {k!r} of {where}")
+            for k in sorted(set(shapes) - set(reference), key=str):
+                problems.append(f"slots: key {k!r} is not in {where}")
+            for k in sorted(set(shapes) & set(reference), key=str):
+                if shapes[k] != reference[k]:
+                    problems.append(f"slots: key {k!r} has shape {shapes[k]}, "
+                                    f"{where} has shape {reference[k]}")
+
+        if problems:
+            listing = "\n".join(f"  - {p}" for p in problems)
+            raise ValueError(f"{name}.load_state_dict: {len(problems)} problem(s); "
+                             f"nothing was loaded:\n{listing}")
+
+        # build everything first, then assign
+        new_slots: dict[str, dict[str, Array]] = {}
+        for slot in self.slot_names:
+            table = {}
+            for key, a in slots[slot].items():
+                if params is not None:
+                    p = params[key]
+                    table[key] = _copy_to(a, get_array_module(p), p.dtype)
+                else:
+                    table[key] = a.copy()
+            new_slots[slot] = table
+        self._apply_hyper(hyper)
+        self.step_count = int(step)
+        self._slots = new_slots
+        self._scratch = {}
+        self.last_grad_norm = None
+
+    def _check_slots(self, slots: Mapping[str, Any],
+                     shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """Problems in the ``slots`` entry; fills ``shapes`` with each key's shape."""
+        problems = []
+        expected = set(self.slot_names)
+        problems += [f"slots: missing {s!r}" for s in sorted(expected - set(slots))]
+        problems += [f"slots: unexpected {s!r}"
+                     for s in sorted(set(slots) - expected, key=str)]
+        tables = {}
+        for slot in self.slot_names:
+            table = slots.get(slot)
+            if table is None:
+                continue
+            if not isinstance(table, Mapping):
+                problems.append(f"slots[{slot!r}] must be a dict, got {type(table).__name__}")
+                continue
+            tables[slot] = table
+        all_keys: set[Any] = set()
+        for table in tables.values():
+            all_keys |= set(table)
+        for key in sorted(all_keys, key=str):
+            for slot, table in tables.items():
+                if key not in table:
+                    problems.append(f"slots[{slot!r}]: no state for key {key!r}")
+                    continue
+                a = table[key]
+                shape = _shape(a)
+                if shape is None or getattr(a, "dtype", None) is None:
+                    problems.append(f"slots[{slot!r}][{key!r}] is "
+                                    f"{type(a).__name__}, not an array")
+                    continue
+                if a.dtype.kind != "f":
+                    problems.append(f"slots[{slot!r}][{key!r}] has dtype {a.dtype}, "
+                                    "expected floating point")
+                if key not in shapes:
+                    shapes[key] = shape
+                elif shapes[key] != shape:
+                    problems.append(f"slots[{slot!r}][{key!r}] has shape {shape}, other "
+                                    f"slots have {shapes[key]}")
+        return problems
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper().items()
+                         if not (k == "clip_norm" and v is None))
+        return f"{type(self).__name__}({args})"
+

@@ -1,0 +1,245 @@
+"""The optimizers of the book (chapter 6, ``common/optimizer.py``) plus AdamW.
+
+Every class updates a dict of arrays in place with ``update(params, grads)``; the
+update rules below are the book's, written with in-place ufuncs (``out=``) and one
+scratch buffer ``s`` per key so that a step allocates no temporary arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from xpnet.optim.base import _NONNEG, _UNIT, Array, Optimizer
+
+__all__ = [
+    "SGD",
+    "Momentum",
+    "Nesterov",
+    "AdaGrad",
+    "RMSprop",
+    "Adam",
+    "AdamW",
+    "default_decay_filter",
+    "OPTIMIZERS",
+    "get_optimizer",
+]
+
+EPS = 1e-7  # the book's epsilon in AdaGrad, RMSprop and Adam
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent: ``p -= lr * g``."""
+
+    def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, clip_norm=clip_norm)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        xp.multiply(g, self.lr, out=s)
+        p -= s
+
+
+class Momentum(Optimizer):
+    """Momentum SGD: ``v = momentum*v - lr*g; p += v`` (``v`` starts at zero)."""
+
+    slot_names = ("v",)
+    momentum: float
+    hyper_names = ("lr", "momentum")
+    hyper_rules = {**Optimizer.hyper_rules, "momentum": _UNIT}
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9,
+                 clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        v = slots["v"]
+        v *= self.momentum
+        xp.multiply(g, self.lr, out=s)
+        v -= s
+        p += v
+
+
+class Nesterov(Optimizer):
+    """Nesterov's accelerated gradient, in the book's form.
+
+    ``v *= momentum; v -= lr*g; p += momentum*momentum*v; p -= (1+momentum)*lr*g``.
+    """
+
+    slot_names = ("v",)
+    momentum: float
+    hyper_names = ("lr", "momentum")
+    hyper_rules = {**Optimizer.hyper_rules, "momentum": _UNIT}
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9,
+                 clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        v, mu, lr = slots["v"], self.momentum, self.lr
+        v *= mu
+        xp.multiply(g, lr, out=s)
+        v -= s
+        xp.multiply(v, mu * mu, out=s)
+        p += s
+        xp.multiply(g, (1.0 + mu) * lr, out=s)
+        p -= s
+
+
+class AdaGrad(Optimizer):
+    """AdaGrad: ``h += g*g; p -= lr*g / (sqrt(h) + 1e-7)`` (``h`` starts at zero)."""
+
+    slot_names = ("h",)
+
+    def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, clip_norm=clip_norm)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        h = slots["h"]
+        xp.multiply(g, g, out=s)
+        h += s
+        _scaled_step(xp, p, g, h, s, self.lr)
+
+
+class RMSprop(Optimizer):
+    """RMSprop: ``h *= decay; h += (1-decay)*g*g; p -= lr*g / (sqrt(h) + 1e-7)``."""
+
+    slot_names = ("h",)
+    decay_rate: float
+    hyper_names = ("lr", "decay_rate")
+    hyper_rules = {**Optimizer.hyper_rules, "decay_rate": _UNIT}
+
+    def __init__(self, lr: float = 0.01, decay_rate: float = 0.99,
+                 clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, decay_rate=decay_rate, clip_norm=clip_norm)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        h = slots["h"]
+        h *= self.decay_rate
+        xp.multiply(g, 1.0 - self.decay_rate, out=s)
+        s *= g
+        h += s
+        _scaled_step(xp, p, g, h, s, self.lr)
+
+
+def _scaled_step(xp: ModuleType, p: Array, g: Array, h: Array, s: Array, lr: float) -> None:
+    """``p -= lr * g / (sqrt(h) + 1e-7)``, computed as ``(g / (sqrt(h) + eps)) * lr``."""
+    xp.sqrt(h, out=s)
+    s += EPS
+    xp.divide(g, s, out=s)
+    s *= lr
+    p -= s
+
+
+class Adam(Optimizer):
+    """Adam in the book's form, the bias correction folded into the step size.
+
+    Per update ``t += 1; lr_t = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``, then per key
+    ``m += (1-beta1)*(g - m); v += (1-beta2)*(g*g - v); p -= lr_t * m / (sqrt(v) + 1e-7)``.
+    ``t`` is :attr:`step_count`.
+    """
+
+    slot_names = ("m", "v")
+    beta1: float
+    beta2: float
+    hyper_names = ("lr", "beta1", "beta2")
+    _lr_t = 0.0  # this step's bias-corrected step size
+    hyper_rules = {**Optimizer.hyper_rules, "beta1": _UNIT, "beta2": _UNIT}
+
+    def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
+                 clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, clip_norm=clip_norm)
+
+    def _begin_step(self) -> None:
+        t = self.step_count
+        # math.sqrt keeps a Python float: a NumPy float64 would promote float32 params
+        self._lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        m, v = slots["m"], slots["v"]
+        xp.subtract(g, m, out=s)
+        s *= 1.0 - self.beta1
+        m += s
+        xp.multiply(g, g, out=s)
+        s -= v
+        s *= 1.0 - self.beta2
+        v += s
+        xp.sqrt(v, out=s)
+        s += EPS
+        xp.divide(m, s, out=s)
+        s *= self._lr_t
+        p -= s
+
+
+def default_decay_filter(key: str) -> bool:
+    """AdamW's default: decay weight matrices only.
+
+    True when the last part of ``key`` (after any '.' or '/') starts with 'W', as in
+    the book's 'W1', 'W2' ...; biases, BatchNorm's 'gamma'/'beta' are not decayed.
+    """
+    name = str(key).replace("/", ".").rsplit(".", 1)[-1]
+    return name.startswith("W")
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter); not in the book.
+
+    Before the Adam step of a key selected by ``decay_filter``:
+    ``p -= lr * weight_decay * p`` (``lr``, not Adam's ``lr_t``; the decay uses the
+    parameter before this step's update). ``decay_filter(key) -> bool`` picks the
+    keys: by default :func:`default_decay_filter` (keys whose name starts with 'W');
+    ``None`` decays every parameter.
+    """
+
+    weight_decay: float
+    hyper_names = ("lr", "beta1", "beta2", "weight_decay")
+    hyper_rules = {**Adam.hyper_rules, "weight_decay": _NONNEG}
+
+    def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
+                 weight_decay: float = 0.01,
+                 decay_filter: Callable[[str], bool] | None = default_decay_filter,
+                 clip_norm: float | None = None) -> None:
+        if decay_filter is not None and not callable(decay_filter):
+            raise TypeError(f"AdamW: decay_filter must be a callable key -> bool or None, "
+                            f"got {decay_filter!r}")
+        self.decay_filter = decay_filter
+        Optimizer.__init__(self, lr=lr, beta1=beta1, beta2=beta2,
+                           weight_decay=weight_decay, clip_norm=clip_norm)
+
+    def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
+                    slots: dict[str, Array], s: Array) -> None:
+        if self.weight_decay and (self.decay_filter is None or self.decay_filter(key)):
+            xp.multiply(p, self.lr * self.weight_decay, out=s)
+            p -= s
+        super()._update_one(xp, key, p, g, slots, s)
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "nesterov": Nesterov,
+    "adagrad": AdaGrad,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+    "adamw": AdamW,
+}
+
+
+def get_optimizer(name: str, **kwargs: Any) -> Optimizer:
+    """An optimizer by case-insensitive name ('sgd', 'momentum', 'nesterov', 'adagrad',
+    'rmsprop', 'adam', 'adamw'), constructed with ``kwargs``.
+
+    Raises ValueError listing the valid names for an unknown one.
+    """
+    cls = OPTIMIZERS.get(str(name).strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; valid names are: "
+                         f"{', '.join(OPTIMIZERS)}")
+    return cls(**kwargs)
