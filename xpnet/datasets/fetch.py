@@ -114,8 +114,8 @@ def locate(
     return None
 
 
-def _missing_message(spec: DatasetSpec, data_dir, missing: Sequence[FileSpec],
-                     reason: str) -> DatasetNotFoundError:
+def _missing_message(spec: DatasetSpec, data_dir: str | PathLike[str] | None,
+                     missing: Sequence[FileSpec], reason: str) -> DatasetNotFoundError:
     searched = search_dirs(spec, data_dir)
     lines = [f"{spec.title} files not found ({reason}). Missing:"]
     for f in missing:

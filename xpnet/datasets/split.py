@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["shuffle_dataset", "train_val_split"]
 
 Split = tuple[np.ndarray, np.ndarray]
+Seed = int | np.random.Generator | np.random.SeedSequence | None
 
 
-def _rng(seed: Any) -> np.random.Generator:
+def _rng(seed: Seed) -> np.random.Generator:
     try:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as exc:
@@ -22,35 +23,36 @@ def _rng(seed: Any) -> np.random.Generator:
         ) from exc
 
 
-def _pair(x: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x)
-    t = np.asarray(t)
-    if x.ndim == 0 or t.ndim == 0:
+def _pair(x: npt.ArrayLike, t: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    xa = np.asarray(x)
+    ta = np.asarray(t)
+    if xa.ndim == 0 or ta.ndim == 0:
         raise ValueError(
-            f"x and t must be arrays with one sample per row, got shapes {x.shape} and {t.shape}"
+            "x and t must be arrays with one sample per row, "
+            f"got shapes {xa.shape} and {ta.shape}"
         )
-    if len(x) != len(t):
-        raise ValueError(f"x and t disagree on the number of samples: {len(x)} and {len(t)}")
-    return x, t
+    if len(xa) != len(ta):
+        raise ValueError(f"x and t disagree on the number of samples: {len(xa)} and {len(ta)}")
+    return xa, ta
 
 
-def shuffle_dataset(x: Any, t: Any, seed: Any = None) -> Split:
+def shuffle_dataset(x: npt.ArrayLike, t: npt.ArrayLike, seed: Seed = None) -> Split:
     """Shuffled copies of ``x`` and ``t`` under one permutation of the first axis.
 
     Like the book's ``common.util.shuffle_dataset``, but the inputs are left as they are,
     any number of dimensions is accepted, and ``seed`` (None, an int or a
     ``numpy.random.Generator``) makes it repeatable instead of using the global NumPy state.
     """
-    x, t = _pair(x, t)
-    perm = _rng(seed).permutation(len(x))
-    return x[perm], t[perm]
+    xa, ta = _pair(x, t)
+    perm = _rng(seed).permutation(len(xa))
+    return xa[perm], ta[perm]
 
 
 def train_val_split(
-    x: Any,
-    t: Any,
+    x: npt.ArrayLike,
+    t: npt.ArrayLike,
     val_ratio: float = 0.2,
-    seed: Any = None,
+    seed: Seed = None,
     shuffle: bool = True,
 ) -> tuple[Split, Split]:
     """Split ``(x, t)`` into ``(x_train, t_train), (x_val, t_val)`` (copies).
@@ -64,8 +66,8 @@ def train_val_split(
         raise TypeError(f"val_ratio must be a number, not {type(val_ratio).__name__}")
     if not (math.isfinite(val_ratio) and 0.0 < val_ratio < 1.0):
         raise ValueError(f"val_ratio must lie strictly between 0 and 1, got {val_ratio}")
-    x, t = _pair(x, t)
-    n = len(x)
+    xa, ta = _pair(x, t)
+    n = len(xa)
     n_val = round(n * float(val_ratio))
     if not 1 <= n_val <= n - 1:
         raise ValueError(
@@ -74,4 +76,4 @@ def train_val_split(
         )
     order = _rng(seed).permutation(n) if shuffle else np.arange(n)
     train, val = order[n_val:], order[:n_val]
-    return (x[train], t[train]), (x[val], t[val])
+    return (xa[train], ta[train]), (xa[val], ta[val])
