@@ -6,10 +6,17 @@ or a usable GPU is absent.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
 
-from xpnet import backend
+# pytest -n 2 already keeps both cores busy; BLAS threads on top of that spin and
+# contend (small GEMMs become tens of times slower).  Must precede numpy's import.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from xpnet import backend  # noqa: E402
 
 _GPU_SKIP_REASON: str | None = None
 try:

@@ -76,7 +76,7 @@ def fan_in(shape: Any) -> int:
     """
     try:
         dims = tuple(int(d) for d in shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"fan_in: expected a weight shape (a tuple of ints), got {shape!r}") \
             from None
     if len(dims) < 2 or min(dims) < 1:

@@ -81,16 +81,17 @@ class MultiLayerNet(Sequential):
         activation = _activation(name, activation)
         spec = init_spec(weight_init_std)
         dt = float_dtype(name, dtype)
+        lam = _check_lambda(weight_decay_lambda)
         self.input_size, self.output_size = sizes[0], sizes[-1]
         self.hidden_size_list = sizes[1:-1]
         self.hidden_layer_num = len(self.hidden_size_list)
         self.activation = activation
         config = {"input_size": sizes[0], "hidden_size_list": sizes[1:-1],
                   "output_size": sizes[-1], "activation": activation,
-                  "weight_init_std": spec, "weight_decay_lambda": _check_lambda(weight_decay_lambda),
+                  "weight_init_std": spec, "weight_decay_lambda": lam,
                   "dtype": dt.name}
         super().__init__(_build(name, sizes, activation, spec, dt),
-                         weight_decay_lambda=weight_decay_lambda, config=config,
+                         weight_decay_lambda=lam, config=config,
                          input_shape=(sizes[0],))
 
 
@@ -122,6 +123,7 @@ class MultiLayerNetExtend(Sequential):
         activation = _activation(name, activation)
         spec = init_spec(weight_init_std)
         dt = float_dtype(name, dtype)
+        lam = _check_lambda(weight_decay_lambda)
         self.input_size, self.output_size = sizes[0], sizes[-1]
         self.hidden_size_list = sizes[1:-1]
         self.hidden_layer_num = len(self.hidden_size_list)
@@ -130,10 +132,10 @@ class MultiLayerNetExtend(Sequential):
         self.dropout_ratio = float(dropout_ratio)
         config = {"input_size": sizes[0], "hidden_size_list": sizes[1:-1],
                   "output_size": sizes[-1], "activation": activation,
-                  "weight_init_std": spec, "weight_decay_lambda": _check_lambda(weight_decay_lambda),
+                  "weight_init_std": spec, "weight_decay_lambda": lam,
                   "use_dropout": self.use_dropout, "dropout_ratio": self.dropout_ratio,
                   "use_batchnorm": self.use_batchnorm, "dtype": dt.name}
         layers = _build(name, sizes, activation, spec, dt, use_batchnorm=self.use_batchnorm,
                         dropout_ratio=self.dropout_ratio if self.use_dropout else None)
-        super().__init__(layers, weight_decay_lambda=weight_decay_lambda, config=config,
+        super().__init__(layers, weight_decay_lambda=lam, config=config,
                          input_shape=(sizes[0],))

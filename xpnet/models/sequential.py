@@ -28,6 +28,7 @@ import math
 import numbers
 import os
 import secrets
+import zipfile
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -104,7 +105,8 @@ class ParamMap(MutableMapping):
         getattr(layer, self._section)[key] = value
 
     def __delitem__(self, name: str) -> None:
-        raise TypeError(f"cannot delete {self._section}[{name!r}]: the names are fixed by the layers")
+        raise TypeError(f"cannot delete {self._section}[{name!r}]: the names are fixed "
+                        "by the layers")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._slots)
@@ -468,7 +470,7 @@ class Sequential:
         where = f"load_params({path!r})"
         try:
             archive = numpy.load(path, allow_pickle=False)
-        except ValueError as exc:
+        except (ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{where}: not a params archive: {exc}") from exc
         if not isinstance(archive, Mapping) and not hasattr(archive, "files"):
             raise ValueError(f"{where}: expected an .npz archive, found a single array")
@@ -482,7 +484,8 @@ class Sequential:
                     continue
                 try:
                     state[section][key] = archive[entry]
-                except ValueError as exc:  # object arrays need pickle: refused
+                except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+                    # object arrays need pickle: refused; or a damaged archive
                     raise ValueError(f"{where}: entry {entry!r} cannot be read safely: "
                                      f"{exc}") from exc
         problems += self._state_problems(state)
