@@ -26,6 +26,11 @@ Array = Any  # numpy.ndarray or cupy.ndarray
 class Layer:
     """Base class: empty params, grads and buffers; subclasses override forward/backward."""
 
+    #: A container sets this to False on its first layer, whose input gradient
+    #: nobody reads; layers for which dx is costly (Convolution) then skip it and
+    #: return None from backward.
+    need_input_grad: bool = True
+
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}

@@ -115,6 +115,8 @@ class Convolution(Layer):
             d = self._dout_cols(xp, dout, start, stop, g, col.shape[0])
             dW += xp.matmul(d, col.transpose(0, 2, 1)).sum(axis=0)
         self.grads = {"W": dW.reshape(W.shape), "b": dout.sum(axis=(0, 2, 3))}
+        if not self.need_input_grad:
+            return None
         return self._input_gradient(xp, dout, g)
 
     def _input_gradient(self, xp: Any, dout: Array, g) -> Array:

@@ -9,7 +9,7 @@ from xpnet.layers.im2col import crop_padding, geometry, pad_into, window_view
 
 
 class _Pool2d(Layer):
-    """Shared geometry and checks of the pooling layers (no parameters)."""
+    """Shared geometry, checks and gradient scatter of the pooling layers (no parameters)."""
 
     pad_value = 0.0
 
@@ -38,23 +38,37 @@ class _Pool2d(Layer):
         return geometry(x.shape, self.pool_h, self.pool_w, self.stride, self.pad,
                         contiguous_rows=False)
 
-    def _padded(self, xp: Any, x: Array, g) -> Array:
-        if g.pad == 0:
-            return x
-        buf = xp.empty(g.padded_shape(x.shape[0]), dtype=x.dtype)
-        return pad_into(x, g, buf, value=self.pad_value)
-
-    def _windows(self, g):
+    def _windows(self, xp: Any, x: Array, g):
+        """(index, i, j, view of the padded input) for each window offset."""
+        xpad = x
+        if g.pad:
+            buf = xp.empty(g.padded_shape(x.shape[0]), dtype=x.dtype)
+            xpad = pad_into(x, g, buf, value=self.pad_value)
         for i in range(g.kh):
             for j in range(g.kw):
-                yield i * g.kw + j, i, j
+                yield i * g.kw + j, i, j, window_view(xpad, i, j, g.oh, g.ow, g.stride)
 
     def _scatter(self, xp: Any, g, n: int, dtype, parts) -> Array:
-        """Sum per-offset gradients (index, (N, C, OH, OW)) into dx (N, C, H, W)."""
-        dpad = xp.zeros(g.padded_shape(n), dtype=dtype)
+        """Sum per-offset gradients (i, j, (N, C, OH, OW)) into dx (N, C, H, W)."""
+        tiles = g.stride == g.kh == g.kw and g.pad == 0 and g.oh * g.kh == g.h \
+            and g.ow * g.kw == g.w
+        # Windows that tile the input exactly are each written once: no zero fill,
+        # no read-modify-write.
+        dpad = (xp.empty if tiles else xp.zeros)(g.padded_shape(n), dtype=dtype)
+        overlap = g.stride < g.kh or g.stride < g.kw
         for i, j, part in parts:
-            window_view(dpad, i, j, g.oh, g.ow, g.stride)[...] += part
+            target = window_view(dpad, i, j, g.oh, g.ow, g.stride)
+            if overlap:
+                target += part
+            else:
+                target[...] = part
         return dpad if g.pad == 0 else xp.ascontiguousarray(crop_padding(dpad, g))
+
+    def _check_dout(self, dout: Array) -> None:
+        g = self._g
+        expected = (self.x_shape[0], self.x_shape[1], g.oh, g.ow)
+        expect(tuple(dout.shape) == expected, self.name, "dout.shape", expected,
+               tuple(dout.shape))
 
 
 class Pooling(_Pool2d):
@@ -69,28 +83,26 @@ class Pooling(_Pool2d):
     def forward(self, x: Array, train: bool = True) -> Array:
         xp = self._xp(x=x)
         g = self._geometry(x)
-        xpad = self._padded(xp, x, g)
         out = argmax = None
-        for k, i, j in self._windows(g):
-            v = window_view(xpad, i, j, g.oh, g.ow, g.stride)
+        for k, _, _, v in self._windows(xp, x, g):
             if out is None:
                 out = v.copy()
                 argmax = xp.zeros(out.shape, dtype=xp.uint8)
             else:
                 better = v > out
                 xp.copyto(out, v, where=better)
-                argmax[better] = k
+                xp.copyto(argmax, k, where=better)
         self.x_shape, self._g, self._argmax = x.shape, g, argmax
         return out
 
     def backward(self, dout: Array) -> Array:
         self._need_forward("x_shape")
+        self._check_dout(dout)
         g, argmax = self._g, self._argmax
         xp = self._xp(dout=dout, argmax=argmax)
-        expect(dout.shape == argmax.shape, self.name, "dout.shape", tuple(argmax.shape),
-               tuple(dout.shape))
         zero = dout.dtype.type(0)
-        parts = ((i, j, xp.where(argmax == k, dout, zero)) for k, i, j in self._windows(g))
+        parts = ((i, j, xp.where(argmax == i * g.kw + j, dout, zero))
+                 for i in range(g.kh) for j in range(g.kw))
         return self._scatter(xp, g, dout.shape[0], dout.dtype, parts)
 
 
@@ -103,10 +115,8 @@ class AvgPooling(_Pool2d):
     def forward(self, x: Array, train: bool = True) -> Array:
         xp = self._xp(x=x)
         g = self._geometry(x)
-        xpad = self._padded(xp, x, g)
         out = None
-        for _, i, j in self._windows(g):
-            v = window_view(xpad, i, j, g.oh, g.ow, g.stride)
+        for _, _, _, v in self._windows(xp, x, g):
             out = v.copy() if out is None else xp.add(out, v, out=out)
         out *= out.dtype.type(1.0 / (g.kh * g.kw))
         self.x_shape, self._g = x.shape, g
@@ -114,10 +124,9 @@ class AvgPooling(_Pool2d):
 
     def backward(self, dout: Array) -> Array:
         self._need_forward("x_shape")
+        self._check_dout(dout)
         g = self._g
         xp = self._xp(dout=dout)
-        expect(dout.shape == (self.x_shape[0], self.x_shape[1], g.oh, g.ow), self.name,
-               "dout.shape", (self.x_shape[0], self.x_shape[1], g.oh, g.ow), tuple(dout.shape))
         share = dout * dout.dtype.type(1.0 / (g.kh * g.kw))
-        parts = ((i, j, share) for _, i, j in self._windows(g))
+        parts = ((i, j, share) for i in range(g.kh) for j in range(g.kw))
         return self._scatter(xp, g, dout.shape[0], dout.dtype, parts)

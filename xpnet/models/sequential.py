@@ -196,6 +196,8 @@ class Sequential:
                        if not hasattr(layer, a)]
             if missing:
                 raise TypeError(f"Sequential: layer {i} ({layer!r}) lacks {', '.join(missing)}")
+        # Nothing reads the gradient with respect to the network's input.
+        self.layers[0].need_input_grad = False
         self.loss_layer = SoftmaxWithLoss() if loss_layer is None else loss_layer
         self.weight_decay_lambda = _check_lambda(weight_decay_lambda)
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
