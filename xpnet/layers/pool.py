@@ -89,9 +89,9 @@ class Pooling(_Pool2d):
                 out = v.copy()
                 argmax = xp.zeros(out.shape, dtype=xp.uint8)
             else:
-                better = v > out
-                xp.copyto(out, v, where=better)
+                better = v > out  # strict: ties keep the first maximum
                 xp.copyto(argmax, k, where=better)
+                xp.maximum(out, v, out=out)
         self.x_shape, self._g, self._argmax = x.shape, g, argmax
         return out
 
