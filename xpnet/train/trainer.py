@@ -1,0 +1,836 @@
+"""The book's ``Trainer`` (``common/trainer.py``), reworked for long runs on either backend.
+
+``Trainer(network, x_train, t_train, x_test, t_test, epochs=20, mini_batch_size=100,
+optimizer='adam', optimizer_param={'lr': 0.001}, evaluate_sample_num_per_epoch=None,
+verbose=True)`` drives any object with the book's network API (``params``,
+``gradient(x, t)``, ``loss``, ``accuracy``, ``predict``); ``train()`` runs it and
+fills ``train_loss_list`` (one entry per step), ``train_acc_list`` and
+``test_acc_list`` (one per epoch), as in the book.
+
+Where it differs from the book:
+
+* **Epochs without replacement.** Each epoch visits the training set in a fresh
+  random order (a permutation from a ``numpy.random.Generator`` owned by the
+  trainer, seeded by ``seed``); the book draws every mini-batch with
+  ``np.random.choice``.  ``iter_per_epoch = max(train_size // mini_batch_size, 1)``
+  as in the book; the remainder of an epoch's permutation is not used.
+* **Accuracy at the end of each epoch** (the book measures it after the first
+  step of each epoch), on the first ``evaluate_sample_num_per_epoch`` samples if
+  set; the final test accuracy is always over the whole test set.
+* **Host data, device batches.** The data stay host NumPy arrays; each mini-batch is
+  cast to the network's dtype and moved to its device once.
+* **No per-step device sync.** Training labels are validated once on the host, and
+  the network's loss layer then skips its own check (``validate_labels = False``);
+  the losses stay on the device and are read back only when reported.
+* **Non-finite losses stop training** with :class:`NonFiniteLossError` naming the
+  step and epoch; no checkpoint is written after it.  On NumPy the check runs at
+  every step, before that step's update; on CuPy at each report (progress refresh,
+  checkpoint, epoch end), naming the first bad step.
+* **Extras:** validation data with early stopping, callbacks, checkpoints with exact
+  resume, learning-rate schedules, gradient clipping (keyword-only arguments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import numbers
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from xpnet.backend import get_array_module, get_rng, to_backend, to_cpu
+from xpnet.optim import CosineLR, StepLR, clip_grad_norm, get_optimizer
+from xpnet.train.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    CheckpointMismatchError,
+    load_checkpoint,
+    network_backend,
+)
+
+__all__ = ["Trainer", "NonFiniteLossError"]
+
+_DEFAULT_OPTIMIZER_PARAM: Mapping[str, float] = MappingProxyType({"lr": 0.001})
+_EVENTS = ("step_end", "epoch_end", "train_end")
+_EVAL_CHUNK = 10_000       # samples moved to the device at once for evaluation
+_REFRESH_SECONDS = 0.5     # progress-bar refresh (each one reads the losses back)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became inf or nan.
+
+    Attributes: ``step`` (1-based global step whose loss was non-finite), ``epoch``
+    (1-based), ``iteration`` (1-based within the epoch), ``loss`` (the value) and
+    ``checkpoint`` (path of the last checkpoint written, which is intact, or None).
+    """
+
+    def __init__(self, message: str, *, step: int, epoch: int, iteration: int,
+                 loss: float, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.epoch, self.iteration = step, epoch, iteration
+        self.loss, self.checkpoint = loss, checkpoint
+
+
+def _int_at_least(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"Trainer: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _host_array(name: str, a: Any) -> np.ndarray:
+    if a is None:
+        raise ValueError(f"Trainer: {name} is required")
+    h = np.asarray(to_cpu(a))
+    if h.ndim == 0:
+        raise ValueError(f"Trainer: {name} must be an array with one sample per row, "
+                         f"got a 0-d array")
+    return h
+
+
+def _label_problem(t: np.ndarray, k: int) -> str | None:
+    """Why ``t`` is not a valid label array for ``k`` classes (None if it is)."""
+    if t.ndim == 1:
+        if t.dtype.kind not in "iu":
+            return f"integer labels expected, got dtype {t.dtype}"
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= k:
+            return f"labels must lie in 0..{k - 1} (the network has {k} outputs), " \
+                   f"got {lo}..{hi}"
+        return None
+    if t.ndim == 2:
+        if t.shape[1] != k:
+            return f"one-hot labels must have {k} columns (the network's outputs), " \
+                   f"got {t.shape[1]}"
+        if not (((t == 0) | (t == 1)).all() and (t.sum(axis=1) == 1).all()):
+            return "one-hot rows must hold 0/1 with exactly one 1"
+        return None
+    return f"labels must be (N,) integers or (N, K) one-hot, got shape {t.shape}"
+
+
+def _labels_digest(t: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(t).reshape(-1).view(np.uint8)).hexdigest()
+
+
+class Trainer:
+    """Train ``network`` on ``(x_train, t_train)``; evaluate on ``(x_test, t_test)``.
+
+    The first nine arguments are the book's.  ``optimizer`` is a name for
+    :func:`xpnet.optim.get_optimizer` (case-insensitive: 'sgd', 'momentum',
+    'nesterov', 'adagrad', 'rmsprop', 'adam', 'adamw') built with ``optimizer_param``,
+    or an optimizer object (``optimizer_param`` is then ignored).
+
+    Keyword-only extras:
+        x_val, t_val: validation data, evaluated after every epoch ('val_acc').
+        early_stopping_patience: stop when val accuracy has not improved for this
+            many epochs; at the end the parameters (and buffers) of the best epoch
+            are restored, and a message says so.  Needs validation data.
+        callbacks: callables ``cb(trainer, event, info)`` (or objects with
+            ``on_step_end`` / ``on_epoch_end`` / ``on_train_end(trainer, info)``),
+            events 'step_end', 'epoch_end', 'train_end'.  The 'step_end' info holds
+            the loss as a device array (reading it syncs).  Setting
+            ``trainer.stop_training = True`` stops after the current step.
+        checkpoint_dir: write a checkpoint there after every epoch (and every
+            ``checkpoint_every_steps`` steps); ``train(resume=True)`` continues from
+            the latest one.  ``keep_checkpoints`` files are kept (default 3).
+        seed: seed of the shuffling generator (None: fresh entropy; its state is
+            saved in checkpoints either way).  Parameter initialisation and dropout
+            use ``xpnet.backend.seed`` / ``get_rng``, whose state is checkpointed too.
+        shuffle: False visits the training data in order every epoch.
+        lr_schedule: None, 'cosine' (CosineLR over the whole run), 'step' (StepLR:
+            lr x 0.1 every third of the run), a schedule object bound to this
+            trainer's optimizer, or a callable ``f(optimizer, total_steps)`` making one.
+            It is stepped once per update.
+        clip_norm: clip the global gradient norm to this value before each update.
+        progress: True/False forces the tqdm bar on/off; None (default) shows it when
+            stdout is a terminal and prints one line per epoch otherwise.
+    """
+
+    def __init__(self, network: Any, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
+                 epochs: int = 20, mini_batch_size: int = 100, optimizer: Any = "adam",
+                 optimizer_param: Mapping[str, Any] = _DEFAULT_OPTIMIZER_PARAM,
+                 evaluate_sample_num_per_epoch: int | None = None, verbose: bool = True, *,
+                 x_val: Any = None, t_val: Any = None,
+                 early_stopping_patience: int | None = None,
+                 callbacks: Iterable[Any] = (), checkpoint_dir: str | Path | None = None,
+                 checkpoint_every_steps: int | None = None, seed: int | None = None,
+                 shuffle: bool = True, lr_schedule: Any = None, clip_norm: float | None = None,
+                 keep_checkpoints: int = 3, progress: bool | None = None) -> None:
+        self.network = network
+        for attr in ("params", "gradient", "accuracy", "predict"):
+            if not hasattr(network, attr):
+                raise TypeError(f"Trainer: the network lacks {attr!r} (the book's network "
+                                "API: params, gradient, loss, accuracy, predict)")
+        self.epochs = _int_at_least("epochs", epochs, 1)
+        self.batch_size = _int_at_least("mini_batch_size", mini_batch_size, 1)
+        self.evaluate_sample_num_per_epoch = _int_at_least(
+            "evaluate_sample_num_per_epoch", evaluate_sample_num_per_epoch, 1, allow_none=True)
+        self.verbose = bool(verbose)
+        self.progress = progress
+
+        self.x_train, self.t_train = _host_array("x_train", x_train), _host_array("t_train",
+                                                                                   t_train)
+        self.x_test, self.t_test = _host_array("x_test", x_test), _host_array("t_test", t_test)
+        if (x_val is None) != (t_val is None):
+            raise ValueError("Trainer: give both x_val and t_val, or neither")
+        self.x_val = None if x_val is None else _host_array("x_val", x_val)
+        self.t_val = None if t_val is None else _host_array("t_val", t_val)
+        for name, x, t in (("train", self.x_train, self.t_train),
+                           ("test", self.x_test, self.t_test),
+                           ("val", self.x_val, self.t_val)):
+            if x is None:
+                continue
+            if len(x) != len(t):
+                raise ValueError(f"Trainer: x_{name} has {len(x)} samples but t_{name} "
+                                 f"has {len(t)}")
+            if len(x) == 0:
+                raise ValueError(f"Trainer: x_{name} is empty")
+            if x.shape[1:] != self.x_train.shape[1:]:
+                raise ValueError(f"Trainer: x_{name} samples have shape {x.shape[1:]}, "
+                                 f"x_train samples {self.x_train.shape[1:]}")
+
+        self.early_stopping_patience = _int_at_least(
+            "early_stopping_patience", early_stopping_patience, 1, allow_none=True)
+        if self.early_stopping_patience is not None and self.x_val is None:
+            raise ValueError("Trainer: early_stopping_patience needs validation data "
+                             "(x_val, t_val)")
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not callable(cb) and not any(hasattr(cb, f"on_{e}") for e in _EVENTS):
+                raise TypeError(f"Trainer: callback {cb!r} is neither callable nor has "
+                                "on_step_end/on_epoch_end/on_train_end")
+        self.checkpoint_every_steps = _int_at_least(
+            "checkpoint_every_steps", checkpoint_every_steps, 1, allow_none=True)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if self.checkpoint_every_steps is not None and self.checkpoint_dir is None:
+            raise ValueError("Trainer: checkpoint_every_steps needs checkpoint_dir")
+        self._manager = (None if self.checkpoint_dir is None
+                         else CheckpointManager(self.checkpoint_dir, keep=keep_checkpoints))
+        if clip_norm is not None and not (isinstance(clip_norm, numbers.Real)
+                                          and math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"Trainer: clip_norm must be a finite number > 0, got {clip_norm!r}")
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.seed = seed
+        self.shuffle = bool(shuffle)
+
+        # the book's bookkeeping
+        self.train_size = int(self.x_train.shape[0])
+        self.iter_per_epoch = max(self.train_size // self.batch_size, 1)
+        self.max_iter = self.epochs * self.iter_per_epoch
+        self.current_iter = 0      # completed steps (global)
+        self.current_epoch = 0     # completed epochs
+        self.position = 0          # completed steps in the current epoch
+
+        if isinstance(optimizer, str):
+            self.optimizer_name = optimizer.strip().lower()
+            self.optimizer_param = dict(optimizer_param or {})
+            self.optimizer = get_optimizer(optimizer, **self.optimizer_param)
+        elif hasattr(optimizer, "update"):
+            self.optimizer_name = type(optimizer).__name__.lower()
+            self.optimizer_param = {}
+            self.optimizer = optimizer
+        else:
+            raise TypeError(f"Trainer: optimizer must be a name or an object with "
+                            f"update(params, grads), got {optimizer!r}")
+        self.lr_schedule = self._make_schedule(lr_schedule)
+
+        self.rng = np.random.default_rng(seed)
+        self._epoch_start_state: dict[str, Any] = self.rng.bit_generator.state
+        self._perm: np.ndarray | None = None
+
+        self.train_loss_list: list[float] = []
+        self.train_acc_list: list[float] = []
+        self.test_acc_list: list[float] = []
+        self.history: dict[str, list[Any]] = {
+            "epoch": [], "step": [], "train_loss": [], "train_acc": [], "test_acc": [],
+            "lr": [], "epoch_time": [], "images_per_sec": []}
+        if self.x_val is not None:
+            self.history["val_acc"] = []
+        self.final_test_acc: float | None = None
+        self.stop_training = False
+        self.stopped_early = False
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self._bad_epochs = 0
+        self._best_state: dict[str, dict[str, Any]] | None = None
+        self.last_checkpoint: Path | None = None
+        self._pending: list[tuple[int, int, int, Any]] = []
+        self._num_classes: int | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _make_schedule(self, spec: Any) -> Any:
+        if spec is None:
+            return None
+        total = self.max_iter
+        if isinstance(spec, str):
+            kind = spec.strip().lower()
+            if kind == "cosine":
+                return CosineLR(self.optimizer, total_steps=total)
+            if kind == "step":
+                return StepLR(self.optimizer, step_size=max(total // 3, 1), gamma=0.1)
+            raise ValueError(f"Trainer: unknown lr_schedule {spec!r}; use 'cosine', 'step', "
+                             "a schedule object or a callable (optimizer, total_steps)")
+        if hasattr(spec, "step") and hasattr(spec, "state_dict"):
+            bound = getattr(spec, "optimizer", self.optimizer)
+            if bound is not self.optimizer:
+                raise ValueError("Trainer: lr_schedule drives another optimizer than the "
+                                 "trainer's; pass the optimizer object too, or a callable "
+                                 "(optimizer, total_steps) -> schedule")
+            return spec
+        if callable(spec):
+            return spec(self.optimizer, total)
+        raise TypeError(f"Trainer: lr_schedule must be None, 'cosine', 'step', a schedule or "
+                        f"a callable, got {spec!r}")
+
+    @property
+    def backend(self) -> str:
+        """'numpy' or 'cupy': where the network's parameters live."""
+        return network_backend(self.network)
+
+    @property
+    def dtype(self) -> np.dtype:
+        dt = getattr(self.network, "dtype", None)
+        if dt is None:
+            for p in self.network.params.values():
+                return np.dtype(p.dtype)
+            return np.dtype(np.float32)
+        return np.dtype(dt)
+
+    def _loss_layers(self) -> list[Any]:
+        found: dict[int, Any] = {}
+        net = self.network
+        candidates = [getattr(net, "loss_layer", None), getattr(net, "last_layer", None)]
+        layers = getattr(net, "layers", None)
+        if isinstance(layers, Mapping):
+            candidates += list(layers.values())
+        elif isinstance(layers, (list, tuple)):
+            candidates += list(layers)
+        for c in candidates:
+            if c is not None and hasattr(c, "validate_labels"):
+                found[id(c)] = c
+        return list(found.values())
+
+    def _to_device_x(self, x: np.ndarray) -> Any:
+        dtype = self.dtype
+        if x.dtype != dtype:
+            x = x.astype(dtype)
+        return to_backend(x, self.backend)
+
+    def _to_device_t(self, t: np.ndarray) -> Any:
+        if t.dtype.kind == "f":
+            t = t.astype(self.dtype, copy=False)
+        return to_backend(t, self.backend)
+
+    def _check_labels(self) -> None:
+        """Validate every label array once, on the host, against the network's outputs."""
+        y = self.network.predict(self._to_device_x(self.x_train[:1]))
+        self._num_classes = k = int(y.shape[-1])
+        problems = []
+        for name, t in (("t_train", self.t_train), ("t_test", self.t_test),
+                        ("t_val", self.t_val)):
+            if t is None:
+                continue
+            why = _label_problem(t, k)
+            if why:
+                problems.append(f"{name}: {why}")
+        if problems:
+            raise ValueError("Trainer: invalid labels:\n" + "\n".join(f"  - {p}"
+                                                                      for p in problems))
+
+    # ------------------------------------------------------------- evaluation
+    def _accuracy_kwargs(self) -> dict[str, int]:
+        try:
+            sig = inspect.signature(self.network.accuracy)
+        except (TypeError, ValueError):
+            return {}
+        if "batch_size" in sig.parameters:
+            return {"batch_size": max(self.batch_size, 500)}
+        return {}
+
+    def evaluate(self, x: Any, t: Any, num: int | None = None) -> float:
+        """Accuracy on the first ``num`` samples of host arrays ``(x, t)`` (all if None)."""
+        x, t = np.asarray(to_cpu(x)), np.asarray(to_cpu(t))
+        if num is not None:
+            x, t = x[:num], t[:num]
+        n = len(x)
+        kwargs = self._accuracy_kwargs()
+        correct = 0
+        for s in range(0, n, _EVAL_CHUNK):
+            xs, ts = x[s:s + _EVAL_CHUNK], t[s:s + _EVAL_CHUNK]
+            acc = float(self.network.accuracy(self._to_device_x(xs), self._to_device_t(ts),
+                                              **kwargs))
+            correct += round(acc * len(xs))
+        return correct / n
+
+    # ---------------------------------------------------------------- output
+    def _say(self, text: str) -> None:
+        if self.verbose:
+            print(text, flush=True)
+
+    def _use_bar(self) -> bool:
+        if not self.verbose:
+            return False
+        if self.progress is not None:
+            return bool(self.progress)
+        try:
+            return sys.stdout.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    # ---------------------------------------------------------------- losses
+    def _flush(self) -> None:
+        """Read the pending losses back to the host; raise on the first non-finite one."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        arrays = [p[3] for p in pending]
+        module = get_array_module(arrays[0])
+        if module is np:
+            values = [float(a) for a in arrays]
+        else:
+            values = to_cpu(module.stack([module.asarray(a).reshape(()) for a in arrays]))
+            values = [float(v) for v in values]
+        for (step, epoch, iteration, _), v in zip(pending, values, strict=True):
+            if not math.isfinite(v):
+                self._raise_nonfinite("loss", v, step, epoch, iteration)
+            self.train_loss_list.append(v)
+
+    def _raise_nonfinite(self, what: str, value: float, step: int, epoch: int,
+                         iteration: int) -> None:
+        if self.backend == "numpy":
+            when = "training stopped before that step's update"
+        else:
+            when = f"detected at step {self.current_iter}; training stopped"
+        if self.last_checkpoint is not None:
+            ck = f"the last checkpoint, {self.last_checkpoint}, was written before it and is intact"
+        elif self._manager is not None:
+            ck = "no checkpoint had been written yet"
+        else:
+            ck = "no checkpoint_dir was set"
+        raise NonFiniteLossError(
+            f"non-finite {what} ({value}) at step {step} (epoch {epoch}, iteration "
+            f"{iteration} of {self.iter_per_epoch}); {when}; {ck}. Try a lower learning "
+            "rate, gradient clipping (clip_norm) or check the data",
+            step=step, epoch=epoch, iteration=iteration, loss=value,
+            checkpoint=self.last_checkpoint)
+
+    # ------------------------------------------------------------- callbacks
+    def _emit(self, event: str, info: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            if callable(cb):
+                cb(self, event, info)
+            else:
+                method = getattr(cb, f"on_{event}", None)
+                if method is not None:
+                    method(self, info)
+
+    # ------------------------------------------------------------ checkpoints
+    def _trainer_config(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs, "mini_batch_size": self.batch_size,
+            "optimizer": self.optimizer_name,
+            "optimizer_param": {k: v for k, v in self.optimizer_param.items()
+                                if isinstance(v, (int, float, str, bool)) or v is None},
+            "evaluate_sample_num_per_epoch": self.evaluate_sample_num_per_epoch,
+            "seed": self.seed if isinstance(self.seed, int) else None,
+            "shuffle": self.shuffle, "early_stopping_patience": self.early_stopping_patience,
+            "checkpoint_every_steps": self.checkpoint_every_steps,
+            "clip_norm": self.clip_norm,
+            "train_size": self.train_size, "sample_shape": list(self.x_train.shape[1:]),
+            "train_labels_sha256": _labels_digest(self.t_train),
+            "val_size": None if self.x_val is None else int(len(self.x_val)),
+        }
+
+    def _save_checkpoint(self) -> Path | None:
+        if self._manager is None:
+            return None
+        self._flush()  # never write a checkpoint after a non-finite loss
+        arrays: dict[str, Any] = {
+            "train_loss_list": np.asarray(self.train_loss_list, dtype=np.float64)}
+        if self._best_state is not None:
+            for section, table in self._best_state.items():
+                for k, a in table.items():
+                    arrays[f"best/{section}/{k}"] = a
+        try:
+            backend_rng = get_rng(self.backend).get_state()
+        except NotImplementedError:
+            backend_rng = None
+        path = self._manager.save(
+            self.current_iter, self.network, self.optimizer, lr_schedule=self.lr_schedule,
+            rng={"shuffle": self.rng.bit_generator.state,
+                 "epoch_start": self._epoch_start_state, "backend": backend_rng},
+            progress={"epoch": self.current_epoch, "step": self.current_iter,
+                      "position": self.position, "iter_per_epoch": self.iter_per_epoch,
+                      "finished": self.current_epoch >= self.epochs or self.stopped_early,
+                      "stopped_early": self.stopped_early},
+            history={"history": self.history, "train_acc_list": self.train_acc_list,
+                     "test_acc_list": self.test_acc_list,
+                     "early_stopping": {"best_score": self.best_score,
+                                        "best_epoch": self.best_epoch,
+                                        "bad_epochs": self._bad_epochs}},
+            config={"trainer": self._trainer_config()},
+            arrays=arrays)
+        self.last_checkpoint = path
+        return path
+
+    def _resume_problems(self, ckpt: Checkpoint) -> list[str]:
+        problems = ckpt.check(self.network, self.optimizer, self.lr_schedule)
+        if self.lr_schedule is None and ckpt.lr_schedule is not None:
+            problems.append(f"lr_schedule: the checkpoint has {ckpt.lr_schedule.get('type')}, "
+                            "the trainer has none")
+        saved = ckpt.config.get("trainer", {})
+        mine = self._trainer_config()
+        for key in ("mini_batch_size", "train_size", "sample_shape", "train_labels_sha256",
+                    "shuffle", "val_size"):
+            if key in saved and saved[key] != mine[key]:
+                what = "(the training labels differ)" if key == "train_labels_sha256" else \
+                    f"{saved[key]!r} in the checkpoint, {mine[key]!r} now"
+                problems.append(f"trainer: {key}: {what}")
+        model = ckpt.config.get("model", {})
+        if model.get("class") and model["class"] != type(self.network).__name__:
+            problems.append(f"model: the checkpoint is of a {model['class']}, the network is "
+                            f"a {type(self.network).__name__}")
+        params = dict(self.network.params)
+        for name, a in ckpt.arrays.items():
+            if name.startswith("best/params/"):
+                k = name[len("best/params/"):]
+                if k not in params or tuple(params[k].shape) != tuple(a.shape):
+                    problems.append(f"early stopping: best parameter {k!r} does not fit "
+                                    "the network")
+        progress, rng = ckpt.progress, ckpt.rng
+        missing = [f"progress[{k!r}]" for k in ("epoch", "step", "position")
+                   if not isinstance(progress.get(k), int)]
+        missing += [f"rng[{k!r}]" for k in ("shuffle", "epoch_start") if k not in rng]
+        if missing:
+            problems.append(f"not a Trainer checkpoint (no {', '.join(missing)})")
+            return problems
+        position = progress["position"]
+        if not 0 <= position <= self.iter_per_epoch:
+            problems.append(f"progress: position {position} is outside an epoch of "
+                            f"{self.iter_per_epoch} steps")
+        # replay the epoch's shuffle on a scratch generator: it must end in the saved state
+        try:
+            scratch = np.random.default_rng()
+            scratch.bit_generator.state = rng["epoch_start"]
+            if position > 0 and self.shuffle:
+                scratch.permutation(self.train_size)
+            replayed = scratch.bit_generator.state
+            scratch.bit_generator.state = rng["shuffle"]
+            if position > 0 and replayed != rng["shuffle"]:
+                problems.append("rng: the saved shuffling state does not follow from the "
+                                "epoch's start state")
+            backend_state = rng.get("backend")
+            if backend_state is not None:
+                scratch.bit_generator.state = backend_state["bit_generator"]
+        except (TypeError, ValueError, KeyError) as exc:
+            problems.append(f"rng: invalid generator state ({exc})")
+        return problems
+
+    def resume(self, path: str | Path | None = None) -> Path | None:
+        """Restore everything from checkpoint ``path`` (default: the latest in
+        ``checkpoint_dir``); returns the path used, or None when there is none.
+
+        Raises :class:`~xpnet.train.CheckpointMismatchError` (a ValueError) listing
+        every mismatch with this trainer, network, optimizer or schedule; nothing is
+        changed then.
+        """
+        if path is None:
+            if self._manager is None:
+                raise ValueError("Trainer.resume: no checkpoint_dir and no path given")
+            path = self._manager.latest()
+            if path is None:
+                return None
+        ckpt = load_checkpoint(path)
+        problems = self._resume_problems(ckpt)
+        if problems:
+            listing = "\n".join(f"  - {p}" for p in problems)
+            raise CheckpointMismatchError(
+                f"{ckpt.path}: cannot resume ({len(problems)} problem(s)); nothing was "
+                f"changed:\n{listing}", problems)
+        ckpt.restore(self.network, self.optimizer, self.lr_schedule)
+
+        rng = ckpt.rng
+        backend_state = rng.get("backend")
+        if backend_state is not None and self.backend == "numpy":
+            get_rng("numpy").set_state(backend_state)
+        progress = ckpt.progress
+        self.current_epoch = int(progress["epoch"])
+        self.current_iter = int(progress["step"])
+        self.position = int(progress["position"])
+        self.stopped_early = bool(progress.get("stopped_early", False))
+        self._epoch_start_state = rng["epoch_start"]
+        self._perm = None
+        if self.position > 0:  # regenerate this epoch's order from its start state
+            self.rng.bit_generator.state = rng["epoch_start"]
+            self._perm = self._draw_permutation()
+        self.rng.bit_generator.state = rng["shuffle"]
+
+        hist = ckpt.history
+        self.history = {k: list(v) for k, v in hist.get("history", {}).items()}
+        self.train_acc_list = list(hist.get("train_acc_list", []))
+        self.test_acc_list = list(hist.get("test_acc_list", []))
+        es = hist.get("early_stopping", {})
+        self.best_score, self.best_epoch = es.get("best_score"), es.get("best_epoch")
+        self._bad_epochs = int(es.get("bad_epochs", 0))
+        self.train_loss_list = [float(v) for v in ckpt.arrays.get("train_loss_list", [])]
+        best: dict[str, dict[str, Any]] = {"params": {}, "buffers": {}}
+        for name, a in ckpt.arrays.items():
+            if name.startswith("best/"):
+                _, section, key = name.split("/", 2)
+                best[section][key] = to_backend(a, self.backend)
+        self._best_state = best if best["params"] else None
+        self._pending = []
+        self.last_checkpoint = Path(path)
+        note = ""
+        if self.backend != "numpy":
+            note = ("; note: the GPU random generator (dropout) cannot be restored, so the "
+                    "run is not bitwise identical to an uninterrupted one")
+        self._say(f"resumed from {path} (epoch {self.current_epoch + 1}, step "
+                  f"{self.current_iter}, {self.position}/{self.iter_per_epoch} of the epoch "
+                  f"done){note}")
+        return Path(path)
+
+    # --------------------------------------------------------------- training
+    def _draw_permutation(self) -> np.ndarray:
+        if self.shuffle:
+            return self.rng.permutation(self.train_size)
+        return np.arange(self.train_size)
+
+    def _snapshot(self) -> dict[str, dict[str, Any]]:
+        return {"params": {k: v.copy() for k, v in self.network.params.items()},
+                "buffers": {k: v.copy() for k, v in
+                            (getattr(self.network, "buffers", None) or {}).items()}}
+
+    def _load_snapshot(self, state: dict[str, dict[str, Any]]) -> None:
+        if hasattr(self.network, "load_state_dict"):
+            self.network.load_state_dict(state)
+            return
+        for k, v in state["params"].items():
+            self.network.params[k][...] = v
+        for k, v in state.get("buffers", {}).items():
+            self.network.buffers[k][...] = v
+
+    def _step(self, x_batch: Any, t_batch: Any) -> Any:
+        """One update on a device batch; returns the loss (a device array, not synced)."""
+        net = self.network
+        if hasattr(net, "last_loss"):
+            try:
+                net.last_loss = None
+            except AttributeError:
+                pass
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            grads = net.gradient(x_batch, t_batch)
+            loss = getattr(net, "last_loss", None)
+            if loss is None:  # a network without last_loss: the book's second forward
+                loss = net.loss(x_batch, t_batch)
+        epoch = self.current_epoch + 1
+        step = self.current_iter + 1
+        self._pending.append((step, epoch, self.position + 1, loss))
+        if get_array_module(loss) is np:
+            self._flush()  # free on the host: stop before a bad update
+        if self.clip_norm is not None:
+            params = net.params
+            norm = clip_grad_norm([grads[k] for k in params], self.clip_norm)
+            if not math.isfinite(norm):
+                self._flush()
+                self._raise_nonfinite("gradient norm", norm, step, epoch, self.position + 1)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self.optimizer.update(net.params, grads)
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        self.current_iter += 1
+        self.position += 1
+        return loss
+
+    def train(self, resume: bool = False, resume_from: str | Path | None = None) -> dict:
+        """Run the training; returns ``history``.
+
+        ``resume=True`` continues from the latest checkpoint in ``checkpoint_dir``
+        (or starts from scratch, saying so, when there is none); ``resume_from=path``
+        continues from that file.  Without either, a ``checkpoint_dir`` that already
+        holds checkpoints is refused (so that an earlier run is not mixed in).
+        """
+        self._check_labels()  # before anything changes
+        if resume_from is not None:
+            self.resume(resume_from)
+        elif resume:
+            if self._manager is None:
+                raise ValueError("Trainer.train(resume=True) needs checkpoint_dir")
+            self._manager.remove_stale_temp_files()
+            if self.resume() is None:
+                self._say(f"no checkpoint in {self.checkpoint_dir}; starting from scratch")
+        elif self._manager is not None and self.current_iter == 0:
+            latest = self._manager.latest()
+            if latest is not None:
+                raise FileExistsError(
+                    f"{self.checkpoint_dir} already holds checkpoints (latest: {latest.name}); "
+                    "pass resume=True to continue that run, or use an empty directory")
+        if self._manager is not None:
+            self._manager.remove_stale_temp_files()
+
+        loss_layers = self._loss_layers()
+        saved_flags = [(layer, layer.validate_labels) for layer in loss_layers]
+        self.stop_training = False
+        bar = None
+        try:
+            for layer in loss_layers:
+                layer.validate_labels = False
+            while (self.current_epoch < self.epochs and not self.stopped_early
+                   and not self.stop_training):
+                bar = self._run_epoch()
+                if self.stop_training and self.position < self.iter_per_epoch:
+                    break
+                self._end_epoch(bar)
+                bar = None
+        finally:
+            if bar is not None:
+                bar.close()
+            for layer, flag in saved_flags:
+                layer.validate_labels = flag
+        self._flush()
+        if self.stop_training and self.position and self._manager is not None:
+            self._save_checkpoint()
+        self._finish()
+        return self.history
+
+    def _run_epoch(self) -> Any:
+        epoch = self.current_epoch + 1
+        if self.position == 0 or self._perm is None:
+            self._epoch_start_state = self.rng.bit_generator.state
+            self._perm = self._draw_permutation()
+            self.position = 0
+        self._epoch_t0 = time.perf_counter()
+        self._epoch_images = 0
+        bar = None
+        if self._use_bar():
+            from tqdm import tqdm  # noqa: PLC0415 - only on a terminal (tqdm.auto imports IPython)
+
+            bar = tqdm(total=self.iter_per_epoch, initial=self.position,
+                       desc=f"epoch {epoch}/{self.epochs}", unit="step", file=sys.stdout,
+                       dynamic_ncols=True, leave=True)
+        last_refresh = time.perf_counter()
+        perm, bs = self._perm, self.batch_size
+        while self.position < self.iter_per_epoch:
+            idx = perm[self.position * bs:(self.position + 1) * bs]
+            xb = self._to_device_x(self.x_train[idx])
+            tb = self._to_device_t(self.t_train[idx])
+            loss = self._step(xb, tb)
+            self._epoch_images += len(idx)
+            if bar is not None:
+                bar.update(1)
+                now = time.perf_counter()
+                if now - last_refresh >= _REFRESH_SECONDS:
+                    last_refresh = now
+                    self._flush()
+                    bar.set_postfix(self._postfix(), refresh=False)
+            if (self.checkpoint_every_steps is not None
+                    and self.current_iter % self.checkpoint_every_steps == 0):
+                self._save_checkpoint()
+            self._emit("step_end", {"epoch": epoch, "step": self.current_iter,
+                                    "iteration": self.position, "loss": loss})
+            if self.stop_training:
+                break
+        return bar
+
+    def _epoch_mean_loss(self) -> float:
+        n = min(self.position, len(self.train_loss_list))
+        return float(np.mean(self.train_loss_list[-n:])) if n else float("nan")
+
+    def _images_per_sec(self) -> float:
+        elapsed = time.perf_counter() - self._epoch_t0
+        return self._epoch_images / elapsed if elapsed > 0 else 0.0
+
+    def _postfix(self, ips: float | None = None, **extra: Any) -> dict[str, str]:
+        out = {"loss": f"{self._epoch_mean_loss():.4f}"}
+        out.update({k: f"{v:.4f}" for k, v in extra.items()})
+        out["img/s"] = f"{self._images_per_sec() if ips is None else ips:.0f}"
+        return out
+
+    def _end_epoch(self, bar: Any) -> None:
+        """Flush, evaluate, record, report, early-stop and checkpoint; closes ``bar``."""
+        self._flush()
+        epoch = self.current_epoch + 1
+        elapsed = time.perf_counter() - self._epoch_t0
+        ips = self._images_per_sec()
+        mean_loss = self._epoch_mean_loss()
+        num = self.evaluate_sample_num_per_epoch
+        train_acc = self.evaluate(self.x_train, self.t_train, num)
+        test_acc = self.evaluate(self.x_test, self.t_test, num)
+        val_acc = None if self.x_val is None else self.evaluate(self.x_val, self.t_val)
+        self.train_acc_list.append(train_acc)
+        self.test_acc_list.append(test_acc)
+        lr = getattr(self.optimizer, "lr", None)
+        h = self.history
+        h["epoch"].append(epoch)
+        h["step"].append(self.current_iter)
+        h["train_loss"].append(mean_loss)
+        h["train_acc"].append(train_acc)
+        h["test_acc"].append(test_acc)
+        h["lr"].append(None if lr is None else float(lr))
+        h["epoch_time"].append(elapsed)
+        h["images_per_sec"].append(ips)
+        if val_acc is not None:
+            h["val_acc"].append(val_acc)
+
+        if bar is not None:
+            extra = {"acc": train_acc, "test": test_acc}
+            if val_acc is not None:
+                extra["val"] = val_acc
+            bar.set_postfix(self._postfix(ips, **extra), refresh=True)
+            bar.close()
+        else:
+            line = (f"epoch {epoch}/{self.epochs}: loss {mean_loss:.4f}, train acc "
+                    f"{train_acc:.4f}, test acc {test_acc:.4f}")
+            if val_acc is not None:
+                line += f", val acc {val_acc:.4f}"
+            line += f", {elapsed:.1f} s, {ips:.0f} images/s"
+            self._say(line)
+
+        if val_acc is not None and self.early_stopping_patience is not None:
+            if self.best_score is None or val_acc > self.best_score:
+                self.best_score, self.best_epoch, self._bad_epochs = val_acc, epoch, 0
+                self._best_state = self._snapshot()
+            else:
+                self._bad_epochs += 1
+                if self._bad_epochs >= self.early_stopping_patience:
+                    self.stopped_early = True
+                    self._say(f"early stopping after epoch {epoch}: val acc has not improved "
+                              f"for {self._bad_epochs} epoch(s) (best {self.best_score:.4f} at "
+                              f"epoch {self.best_epoch})")
+        self.current_epoch += 1
+        self.position = 0
+        self._perm = None
+        info = {"epoch": epoch, "step": self.current_iter, "train_loss": mean_loss,
+                "train_acc": train_acc, "test_acc": test_acc, "val_acc": val_acc,
+                "lr": h["lr"][-1], "epoch_time": elapsed, "images_per_sec": ips}
+        self._save_checkpoint()
+        self._emit("epoch_end", info)
+
+    def _finish(self) -> None:
+        restored = False
+        if (self.early_stopping_patience is not None and self._best_state is not None
+                and self.best_epoch is not None and self.history["epoch"]
+                and self.best_epoch != self.history["epoch"][-1]):
+            self._load_snapshot(self._best_state)
+            restored = True
+            self._say(f"restored the parameters of epoch {self.best_epoch} (best val acc "
+                      f"{self.best_score:.4f})")
+        self.final_test_acc = self.evaluate(self.x_test, self.t_test)
+        self._emit("train_end", {"epochs": self.current_epoch, "step": self.current_iter,
+                                 "test_acc": self.final_test_acc,
+                                 "stopped_early": self.stopped_early,
+                                 "best_epoch": self.best_epoch, "restored_best": restored})
+        self._say(f"test accuracy: {100 * self.final_test_acc:.2f}%")
+
+    def __repr__(self) -> str:
+        return (f"Trainer({type(self.network).__name__}, epochs={self.epochs}, "
+                f"mini_batch_size={self.batch_size}, optimizer={self.optimizer!r}, "
+                f"step={self.current_iter})")
