@@ -16,6 +16,7 @@ the dtype they are given (float32 in, float32 out).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from xpnet.backend import check_same_backend
@@ -53,20 +54,19 @@ class Layer:
         """The array module of the inputs and this layer's parameters, checked to agree."""
         return check_same_backend(self.name, **arrays, **self.params)
 
-    def _workspace(self, name: str, xp: Any, shape: tuple, dtype: Any,
-                   zero: bool = False) -> tuple[Array, bool]:
-        """A scratch buffer kept across calls, so a training loop allocates once.
+    def _workspace(self, name: str, xp: Any, shape: tuple[int, ...], dtype: Any) -> Array:
+        """A contiguous scratch array of ``shape``, backed by a buffer kept across calls.
 
-        Returns (buffer, fresh); ``fresh`` is True when it was just (re)allocated.
+        A training loop then allocates once (no page faults, no allocator churn);
+        the buffer only grows.  Contents are undefined.
         """
+        size = math.prod(shape)
         cache = self.__dict__.setdefault("_scratch", {})
         buf = cache.get(name)
-        if buf is not None and buf.shape == shape and buf.dtype == dtype \
-                and isinstance(buf, xp.ndarray):
-            return buf, False
-        buf = (xp.zeros if zero else xp.empty)(shape, dtype=dtype)
-        cache[name] = buf
-        return buf, True
+        if buf is None or buf.size < size or buf.dtype != dtype \
+                or not isinstance(buf, xp.ndarray):
+            buf = cache[name] = xp.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
 
     def _need_forward(self, attr: str) -> None:
         if getattr(self, attr, None) is None:

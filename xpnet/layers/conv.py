@@ -56,39 +56,37 @@ class Convolution(Layer):
         return geometry(x.shape, kh, kw, self.stride, self.pad)
 
     def _chunks(self, tag: str, xp: Any, x: Array, g):
-        """Yield (start, stop, col) over the batch, col being im2col of x[start:stop]."""
+        """Yield (start, stop, col) over the batch, col = im2col of x[start:stop]."""
         n = x.shape[0]
         step = chunk_size(xp, n, g.ckk * g.length * x.dtype.itemsize)
-        padded, fresh = self._workspace(tag + "padded", xp, g.padded_shape(step), x.dtype)
-        col, _ = self._workspace(tag + "col", xp, g.col_shape(step), x.dtype)
         for start in range(0, n, step):
             stop = min(n, start + step)
-            pad_into(x[start:stop], g, padded[: stop - start], fresh=fresh)
-            fresh = False
-            yield start, stop, fill_cols(padded[: stop - start], g, col[: stop - start])
+            m = stop - start
+            padded = self._workspace(tag + "padded", xp, g.padded_shape(m), x.dtype)
+            col = self._workspace(tag + "col", xp, g.col_shape(m), x.dtype)
+            pad_into(x[start:stop], g, padded)
+            yield start, stop, fill_cols(padded, g, col)
 
-    def _dout_cols(self, xp: Any, dout: Array, start: int, stop: int, g, step: int) -> Array:
-        """dout[start:stop] as (m, FN, OH*pitch), matching the columns of ``col``."""
-        m, fn = stop - start, dout.shape[1]
-        if g.pitch == g.ow:
-            return dout[start:stop].reshape(m, fn, g.length)
-        # Junk columns kept at zero so that they contribute nothing.
-        buf, _ = self._workspace("dcols", xp, (step, fn, g.length), dout.dtype, zero=True)
-        buf[:m].reshape(m, fn, g.oh, g.pitch)[..., : g.ow] = dout[start:stop]
-        return buf[:m]
+    def _dout_cols(self, xp: Any, dout: Array, start: int, stop: int, g) -> Array:
+        """dout[start:stop] laid out like the columns of ``col``: (FN, m*OH*pitch)."""
+        fn, m = dout.shape[1], stop - start
+        buf = self._workspace("dcols", xp, (fn, m, g.oh, g.pitch), dout.dtype)
+        if g.pitch > g.ow:
+            buf[..., g.ow :] = 0  # junk columns contribute nothing
+        buf[..., : g.ow] = dout[start:stop].transpose(1, 0, 2, 3)
+        return buf.reshape(fn, -1)
 
     def _correlate(self, tag: str, xp: Any, x: Array, g, W2: Array, out: Array,
                    bias: Array | float = 0.0) -> Array:
         """out = W2 (FN, C*KH*KW) applied to every patch of x, plus bias."""
         fn = W2.shape[0]
-        y = None
         for start, stop, col in self._chunks(tag, xp, x, g):
-            if y is None:
-                y, _ = self._workspace(tag + "y", xp, (col.shape[0], fn, g.length), x.dtype)
             m = stop - start
-            xp.matmul(W2, col, out=y[:m])
-            # Crop the junk columns and add the bias in one pass.
-            xp.add(y[:m].reshape(m, fn, g.oh, g.pitch)[..., : g.ow], bias, out=out[start:stop])
+            y = self._workspace(tag + "y", xp, (fn, m * g.length), x.dtype)
+            xp.matmul(W2, col, out=y)
+            # Back to (m, FN, OH, OW): crop the junk columns and add the bias in one pass.
+            y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
+            xp.add(y, bias, out=out[start:stop])
         return out
 
     def forward(self, x: Array, train: bool = True) -> Array:
@@ -102,18 +100,17 @@ class Convolution(Layer):
         self.x, self._g = x, g
         return out
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array) -> Array | None:
         self._need_forward("x")
         x, g = self.x, self._g
         W = self.params["W"]
         xp = self._xp(x=x, dout=dout)
-        fn, _, kh, kw = W.shape
+        fn = W.shape[0]
         expect(dout.shape == (x.shape[0], fn, g.oh, g.ow), self.name, "dout.shape",
                (x.shape[0], fn, g.oh, g.ow), tuple(dout.shape))
         dW = xp.zeros((fn, g.ckk), dtype=W.dtype)
         for start, stop, col in self._chunks("f", xp, x, g):
-            d = self._dout_cols(xp, dout, start, stop, g, col.shape[0])
-            dW += xp.matmul(d, col.transpose(0, 2, 1)).sum(axis=0)
+            dW += self._dout_cols(xp, dout, start, stop, g) @ col.T
         self.grads = {"W": dW.reshape(W.shape), "b": dout.sum(axis=(0, 2, 3))}
         if not self.need_input_grad:
             return None
@@ -131,15 +128,15 @@ class Convolution(Layer):
             gt = geometry(dout.shape, kh, kw, 1, kh - 1 - g.pad)
             return self._correlate("b", xp, dout, gt, Wt.reshape(c, -1), dx)
         # General case: dcol = W^T dout, then col2im.
-        W2T = xp.ascontiguousarray(W.reshape(fn, -1).T)
+        W2T = W.reshape(fn, -1).T
         n = dout.shape[0]
         step = chunk_size(xp, n, g.ckk * g.length * dout.dtype.itemsize)
-        dcol, _ = self._workspace("dcol", xp, g.col_shape(step), dout.dtype)
-        dpadded, _ = self._workspace("dpadded", xp, g.padded_shape(step), dout.dtype)
         for start in range(0, n, step):
             stop = min(n, start + step)
             m = stop - start
-            xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g, step), out=dcol[:m])
-            scatter_cols(dcol[:m], g, dpadded[:m])
-            dx[start:stop] = crop_padding(dpadded[:m], g)
+            dcol = self._workspace("dcol", xp, g.col_shape(m), dout.dtype)
+            xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g), out=dcol)
+            dpadded = self._workspace("dpadded", xp, g.padded_shape(m), dout.dtype)
+            scatter_cols(dcol, g, dpadded)
+            dx[start:stop] = crop_padding(dpadded, g)
         return dx

@@ -1,20 +1,20 @@
 """im2col / col2im, written once over the array module of their input.
 
-Layout.  The book builds ``col`` as (N*OH*OW, C*KH*KW), which costs a transpose
-copy of the whole patch matrix on the way in and of the output on the way out.
-xpnet keeps the batch axis first::
+Layout.  The book builds ``col`` as (N*OH*OW, C*KH*KW).  xpnet builds its
+transpose, batch folded into the columns::
 
-    col[n, (c, i, j), (oh, q)] = x_padded[n, c, oh*stride + i, q*stride + j]
+    col[(c, i, j), (n, oh, q)] = x_padded[n, c, oh*stride + i, q*stride + j]
 
-shape (N, C*KH*KW, OH*pitch).  A convolution is then ``W (FN, C*KH*KW) @ col``
-batched over N, which lands directly in NCHW order.
+shape (C*KH*KW, N*OH*pitch), so that a convolution is ONE wide GEMM
+``W (FN, C*KH*KW) @ col`` per chunk of images, whatever the image size (a
+per-image GEMM is narrow and slow for 8x8 feature maps).
 
 ``pitch`` is the number of columns per output row.  For stride 1 it is the
 padded input width ``Wp`` rather than ``OW``: row ``oh`` of the window at offset
 (i, j) is then one *contiguous* run of the flattened padded image, so each of
-the KH*KW copies is a plain memcpy-like slice.  The last ``Wp - OW`` columns of
-each output row are junk that the caller crops.  For stride > 1, ``pitch`` is OW
-and the copies are strided.
+the KH*KW copies moves whole rows.  The last ``Wp - OW`` columns of each output
+row are junk that the caller crops.  For stride > 1, ``pitch`` is OW and the
+copies are strided.
 
 Both directions loop over the KH*KW kernel offsets only, never over images or
 pixels; col2im accumulates with strided ``+=`` (for a fixed offset the targets
@@ -83,8 +83,8 @@ class PatchGeometry:
     def padded_shape(self, n: int) -> tuple[int, int, int, int]:
         return (n, self.c, self.rows, self.wp)
 
-    def col_shape(self, n: int) -> tuple[int, int, int]:
-        return (n, self.ckk, self.length)
+    def col_shape(self, n: int) -> tuple[int, int]:
+        return (self.ckk, n * self.length)
 
 
 def geometry(x_shape: tuple[int, ...], kh: int, kw: int, stride: int = 1, pad: int = 0,
@@ -96,19 +96,13 @@ def geometry(x_shape: tuple[int, ...], kh: int, kw: int, stride: int = 1, pad: i
     return PatchGeometry(c, h, w, kh, kw, stride, pad, contiguous_rows and stride == 1)
 
 
-def pad_into(x: Array, g: PatchGeometry, out: Array, value: float = 0.0,
-             fresh: bool = True) -> Array:
-    """Copy ``x`` (n, C, H, W) into the interior of ``out`` (n, C, rows, Wp).
-
-    With ``fresh`` the border is (re)filled with ``value``; a buffer reused with
-    the same geometry keeps its border and can pass ``fresh=False``.
-    """
+def pad_into(x: Array, g: PatchGeometry, out: Array, value: float = 0.0) -> Array:
+    """Copy ``x`` (n, C, H, W) into ``out`` (n, C, rows, Wp), bordered with ``value``."""
     p = g.pad
-    if fresh:
-        out[:, :, :p] = value
-        out[:, :, p + g.h :] = value
-        out[:, :, p : p + g.h, :p] = value
-        out[:, :, p : p + g.h, p + g.w :] = value
+    out[:, :, :p] = value
+    out[:, :, p + g.h :] = value
+    out[:, :, p : p + g.h, :p] = value
+    out[:, :, p : p + g.h, p + g.w :] = value
     out[:, :, p : p + g.h, p : p + g.w] = x
     return out
 
@@ -119,24 +113,25 @@ def window_view(xpad: Array, i: int, j: int, oh: int, ow: int, stride: int) -> A
 
 
 def _offset_views(g: PatchGeometry, padded: Array, col: Array):
-    """Pairs (padded-image view, col slice) for each kernel offset, same shapes."""
-    n = col.shape[0]
+    """Pairs (padded-image view, col view) of equal shape (C, n, ...), one per kernel offset."""
+    n = padded.shape[0]
     if g.contiguous_rows:
-        flat = padded.reshape(n, g.c, -1)
-        col5 = col.reshape(n, g.c, g.kh, g.kw, g.length)
+        flat = padded.reshape(n, g.c, -1).transpose(1, 0, 2)
+        col5 = col.reshape(g.c, g.kh, g.kw, n, g.length)
         for i in range(g.kh):
             for j in range(g.kw):
                 start = i * g.wp + j
-                yield flat[:, :, start : start + g.length], col5[:, :, i, j]
+                yield flat[:, :, start : start + g.length], col5[:, i, j]
     else:
-        col6 = col.reshape(n, g.c, g.kh, g.kw, g.oh, g.ow)
+        col6 = col.reshape(g.c, g.kh, g.kw, n, g.oh, g.ow)
+        by_channel = padded.transpose(1, 0, 2, 3)
         for i in range(g.kh):
             for j in range(g.kw):
-                yield window_view(padded, i, j, g.oh, g.ow, g.stride), col6[:, :, i, j]
+                yield window_view(by_channel, i, j, g.oh, g.ow, g.stride), col6[:, i, j]
 
 
 def fill_cols(padded: Array, g: PatchGeometry, col: Array) -> Array:
-    """im2col proper: ``col`` (n, C*KH*KW, OH*pitch) from a padded buffer."""
+    """im2col proper: ``col`` (C*KH*KW, n*OH*pitch) from a padded (n, C, rows, Wp) buffer."""
     for src, dst in _offset_views(g, padded, col):
         dst[...] = src
     return col
@@ -162,7 +157,7 @@ def crop_padding(padded: Array, g: PatchGeometry) -> Array:
 
 
 def im2col(x: Array, kh: int, kw: int, stride: int = 1, pad: int = 0) -> Array:
-    """Patches of ``x`` (N, C, H, W) as ``col`` (N, C*KH*KW, OH*OW) (no junk columns)."""
+    """Patches of ``x`` (N, C, H, W) as ``col`` (C*KH*KW, N*OH*OW): the book's col, transposed."""
     xp = get_array_module(x)
     g = geometry(x.shape, kh, kw, stride, pad, contiguous_rows=False)
     padded = pad_into(x, g, xp.empty(g.padded_shape(x.shape[0]), dtype=x.dtype))
@@ -171,7 +166,7 @@ def im2col(x: Array, kh: int, kw: int, stride: int = 1, pad: int = 0) -> Array:
 
 def col2im(col: Array, x_shape: tuple[int, int, int, int], kh: int, kw: int,
            stride: int = 1, pad: int = 0) -> Array:
-    """Adjoint of :func:`im2col`: sums ``col`` (N, C*KH*KW, OH*OW) back into (N, C, H, W)."""
+    """Adjoint of :func:`im2col`: sums ``col`` (C*KH*KW, N*OH*OW) back into (N, C, H, W)."""
     xp = get_array_module(col)
     g = geometry(x_shape, kh, kw, stride, pad, contiguous_rows=False)
     padded = scatter_cols(col, g, xp.empty(g.padded_shape(x_shape[0]), dtype=col.dtype))
