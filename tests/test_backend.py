@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from xpnet import backend
-from xpnet.backend import BackendError, BackendMismatchError, xp as xp_proxy
+from xpnet.backend import BackendError, BackendMismatchError
+from xpnet.backend import xp as xp_proxy
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -81,7 +81,8 @@ CASES = [
     ("label 10 of 10 classes", lambda xp: SoftmaxWithLoss().forward(
         f32(xp, 2, 10), xp.asarray(np.array([3, 10]))),
      ValueError, ["SoftmaxWithLoss", "label range", "0..9", "3..10"]),
-    ("label -1", lambda xp: SoftmaxWithLoss().forward(f32(xp, 2, 10), xp.asarray(np.array([-1, 0]))),
+    ("label -1", lambda xp: SoftmaxWithLoss().forward(
+        f32(xp, 2, 10), xp.asarray(np.array([-1, 0]))),
      ValueError, ["SoftmaxWithLoss", "label range", "0..9", "-1..0"]),
     ("float labels", lambda xp: SoftmaxWithLoss().forward(f32(xp, 2, 10), xp.asarray([1.0, 2.0])),
      TypeError, ["SoftmaxWithLoss", "label dtype", "integer", "float64"]),
