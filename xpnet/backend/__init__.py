@@ -199,6 +199,8 @@ def get_array_module(*arrays: Any) -> ModuleType:
 
     Raises BackendMismatchError when both kinds are given.
     """
+    if _cupy is None:  # CuPy never loaded: everything is NumPy (the CPU hot path)
+        return numpy
     module: ModuleType | None = None
     for a in arrays:
         if a is None:
@@ -218,6 +220,8 @@ def check_same_backend(where: str, **arrays: Any) -> ModuleType:
 
     ``arrays`` maps a role ('x', 'W', 't' ...) to an array; returns the module.
     """
+    if _cupy is None:  # CuPy never loaded: everything is NumPy (the CPU hot path)
+        return numpy
     kinds = {
         role: ("cupy" if _is_cupy_array(a) else "numpy")
         for role, a in arrays.items()

@@ -32,13 +32,15 @@ class Affine(Layer):
         out += b
         return out
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array) -> Array | None:
         self._need_forward("x2d")
         W = self.params["W"]
         self._xp(dout=dout)
         expect(dout.shape == (self.x2d.shape[0], W.shape[1]), self.name, "dout.shape",
                (self.x2d.shape[0], W.shape[1]), tuple(dout.shape))
         self.grads = {"W": self.x2d.T @ dout, "b": dout.sum(axis=0)}
+        if not self.need_input_grad:
+            return None
         return (dout @ W.T).reshape(self.x_shape)
 
 
