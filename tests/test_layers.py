@@ -216,7 +216,7 @@ def test_batchnorm_statistics(xp, rng):
     np.testing.assert_allclose(to_numpy(layer.buffers["running_mean"]),
                                0.1 * xh.mean(axis=(0, 2, 3)), rtol=1e-10)
     np.testing.assert_allclose(to_numpy(layer.buffers["running_var"]),
-                               0.9 + 0.1 * xh.var(axis=(0, 2, 3)), rtol=1e-10)
+                               0.1 * xh.var(axis=(0, 2, 3)), rtol=1e-10)
     y_eval = to_numpy(layer.forward(x, train=False))
     rm, rv = (to_numpy(layer.buffers[k]) for k in ("running_mean", "running_var"))
     expected = (xh - rm.reshape(1, 3, 1, 1)) / np.sqrt(rv.reshape(1, 3, 1, 1) + 1e-6)

@@ -11,12 +11,12 @@ class BatchNormalization(Layer):
     gamma, beta: (D,) for x (N, D), or (C,) for x (N, C, H, W); y has x's shape.
 
     Training uses the batch statistics and updates the running ones:
-    ``running = momentum * running + (1 - momentum) * batch``; inference uses the
-    running statistics.  Where we differ from the book: conv input is normalised
-    per channel (the book flattens it to per-pixel features), the running
-    variance starts at 1 (the book starts at 0, which blows up inference before
-    training), and the variance used for the running average is the biased batch
-    variance, as in the book.
+    ``running = momentum * running + (1 - momentum) * batch``, both starting at 0
+    and using the biased batch variance, as in the book; inference uses the
+    running statistics.  (Starting the variance at 1, as PyTorch does, leaves
+    inference at chance for several epochs when activations are small.)  Where we
+    differ from the book: conv input is normalised per channel (the book flattens
+    it to per-pixel features).
     """
 
     def __init__(self, gamma: Array, beta: Array, momentum: float = 0.9,
@@ -30,7 +30,7 @@ class BatchNormalization(Layer):
         self.params = {"gamma": gamma, "beta": beta}
         self.buffers = {
             "running_mean": gamma * 0 if running_mean is None else running_mean,
-            "running_var": gamma * 0 + 1 if running_var is None else running_var,
+            "running_var": gamma * 0 if running_var is None else running_var,
         }
         self.momentum, self.eps = float(momentum), float(eps)
         self.xn: Array | None = None
