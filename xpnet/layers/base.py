@@ -17,11 +17,14 @@ the dtype they are given (float32 in, float32 out).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 from xpnet.backend import check_same_backend
 
 Array = Any  # numpy.ndarray or cupy.ndarray
+
+_scratch = threading.local()  # per-thread scratch buffers, see Layer._workspace
 
 
 class Layer:
@@ -57,15 +60,17 @@ class Layer:
     def _workspace(self, name: str, xp: Any, shape: tuple[int, ...], dtype: Any) -> Array:
         """A contiguous scratch array of ``shape``, backed by a buffer kept across calls.
 
-        A training loop then allocates once (no page faults, no allocator churn);
-        the buffer only grows.  Contents are undefined.
+        A training loop then allocates once (no page faults, no allocator churn).
+        The buffers are shared by all layers of a thread, since a scratch array
+        lives only within one forward or backward call: a deep network needs the
+        largest layer's scratch, not the sum.  Contents are undefined.
         """
         size = math.prod(shape)
-        cache = self.__dict__.setdefault("_scratch", {})
-        buf = cache.get(name)
-        if buf is None or buf.size < size or buf.dtype != dtype \
-                or not isinstance(buf, xp.ndarray):
-            buf = cache[name] = xp.empty(size, dtype=dtype)
+        pool = _scratch.__dict__.setdefault("buffers", {})
+        key = (name, xp.__name__)
+        buf = pool.get(key)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = pool[key] = xp.empty(size, dtype=dtype)
         return buf[:size].reshape(shape)
 
     def _need_forward(self, attr: str) -> None:
