@@ -124,13 +124,10 @@ def main() -> None:
 
     run.notes.append(
         "The solid BN curves are the book's measure: inference mode, normalising by the "
-        "running averages. xpnet starts the running variance at 1, not 0 as the book does "
-        "(docs/differences.md), and updates it with momentum 0.9, so for small weight scales "
-        "it stays far above the true variance of the tiny activations for about 50 "
-        "iterations (5 epochs here): inference-mode accuracy sits at chance for those "
-        "epochs although the network already classifies well with batch statistics (the "
-        "dotted curve: training-mode normalisation over the 1000 images, the running "
-        "averages untouched).")
+        "running averages (which start at 0, as in the book, and follow momentum 0.9). "
+        "The dotted curve normalises with batch statistics over the 1000 images instead "
+        "(training mode, running averages untouched); where the two differ, the running "
+        "averages have not yet caught up with the batch statistics.")
     run.check("bn_ahead_most",
               "the network with Batch Normalization is ahead (higher final training "
               "accuracy) in most of the 16 panels",
