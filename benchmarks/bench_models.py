@@ -1,0 +1,664 @@
+"""Train step and inference of the book's three networks: xpnet against PyTorch.
+
+On the current backend (DL_BACKEND or --backend) it times, for MultiLayerNet
+784-[100]x4-10 (ReLU, He init), SimpleConvNet and DeepConvNet (book defaults):
+
+* the train step, ``grads = net.gradient(x, t); Adam.update(net.params, grads)``, batch 100
+  (DeepConvNet's dropout active);
+* inference, ``net.predict(x, train_flg=False)``, batch 1000;
+* the DeepConvNet train step at batch 32 ... 1024 (``--skip-sweep`` to leave out);
+* the peak memory of the train step, one child process per (framework, model)
+  (``--skip-memory`` to leave out).
+
+When PyTorch is importable, the same networks (same layers and dropout, xpnet's initial
+weights copied in) run in eager PyTorch on the same device, dtype (float32) and thread
+count, rep by rep interleaved with xpnet; see benchmarks/README.md for the method.
+Prints Markdown tables (medians, IQR, images/s, xpnet/PyTorch); --json, --md and --png
+also write them to files, --doc into a section of docs/performance.md.
+
+    python benchmarks/bench_models.py [--quick] [--backend numpy|cupy] [--threads 2]
+        [--reps 20] [--models mlp simple-convnet deep-convnet] [--json FILE] [--md FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+# model name -> (label, xpnet build_model kwargs, shape of one sample)
+MODELS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
+    "mlp": ("MultiLayerNet 784-[100]x4-10",
+            {"input_size": 784, "hidden_size_list": [100] * 4, "output_size": 10,
+             "activation": "relu", "weight_init_std": "relu"}, (784,)),
+    "simple-convnet": ("SimpleConvNet", {}, (1, 28, 28)),
+    "deep-convnet": ("DeepConvNet", {}, (1, 28, 28)),
+}
+SIZES = {"batch": 100, "infer_batch": 1000, "sweep": (32, 64, 128, 256, 512, 1024),
+         "reps": 20, "warmup": 2, "memory_steps": 3}
+QUICK = {"batch": 8, "infer_batch": 16, "sweep": (8, 16), "reps": 3, "warmup": 1,
+         "memory_steps": 2}
+FRAMEWORKS = ("xpnet", "pytorch")
+SCHEDULES = ("settled", "interleaved", "blocks")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=("numpy", "cupy"),
+                   help="xpnet backend (default: DL_BACKEND, else numpy)")
+    p.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads (CPU)")
+    p.add_argument("--reps", type=int, help=f"timed reps per case (default {SIZES['reps']})")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--quick", action="store_true", help="tiny sizes and reps (CI, notebook)")
+    p.add_argument("--skip-sweep", action="store_true", help="no DeepConvNet batch sweep")
+    p.add_argument("--skip-memory", action="store_true", help="no peak-memory children")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--schedule", choices=SCHEDULES, default="settled",
+                   help="settled: interleaved rep by rep, waiting for idle worker threads "
+                        "before each rep (default); interleaved: without waiting; "
+                        "blocks: all xpnet reps, then all PyTorch reps")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--md", metavar="FILE", help="write the Markdown tables")
+    p.add_argument("--png", metavar="FILE", help="plot the results (needs matplotlib)")
+    p.add_argument("--doc", metavar="FILE",
+                   help="put the tables between the markers <!-- bench_models:BACKEND --> "
+                        "and <!-- /bench_models:BACKEND --> of this Markdown file")
+    p.add_argument("--memory-child", nargs=2, metavar=("FRAMEWORK", "MODEL"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # for the memory child
+    p.add_argument("--memory-steps", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sizes = dict(QUICK if args.quick else SIZES)
+    for key in ("reps", "batch", "memory_steps"):
+        if getattr(args, key) is not None:
+            args.sizes[key] = getattr(args, key)
+    return args
+
+
+# ------------------------------------------------------------------ environment
+def limit_threads(n: int) -> None:
+    """Use ``n`` BLAS/OpenMP threads: env vars (read when numpy/torch load), then the
+    pools already loaded (threadpoolctl, torch), for a caller that imported them first."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        pass
+    else:
+        threadpool_limits(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def import_torch(want: bool, gpu: bool) -> tuple[Any, str | None]:
+    """(torch or None, why not). On the GPU: cuDNN on, TF32 off, like float32 xpnet."""
+    if not want:
+        return None, "--no-torch"
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"PyTorch not importable ({exc})"
+    if gpu:
+        if not torch.cuda.is_available():
+            return None, "this PyTorch has no CUDA device"
+        torch.backends.cudnn.enabled = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return torch, None
+
+
+class Env:
+    """Where the run happens: the xpnet backend, and PyTorch (or None) on its device."""
+
+    def __init__(self, backend: str, gpu: bool, torch: Any, sizes: dict, schedule: str):
+        self.backend, self.gpu, self.torch = backend, gpu, torch
+        self.sizes, self.schedule = sizes, schedule
+        self.device = "cuda" if gpu else "cpu"
+        if gpu:
+            import cupy
+            self._cupy = cupy
+
+    def sync(self, framework: str) -> None:
+        """Wait for the framework's queued GPU work (nothing to do on the CPU)."""
+        if not self.gpu:
+            return
+        if framework == "xpnet":
+            self._cupy.cuda.Device().synchronize()
+        else:
+            self.torch.cuda.synchronize()
+
+
+def machine_info(env: Env, argv: list[str], threads: int, torch_note: str | None) -> dict:
+    import numpy as np
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_models.py " + shlex.join(argv),
+        "backend": env.backend, "dtype": "float32", "threads": threads,
+        "schedule": env.schedule, "cpu": cpu, "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+        else None,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "numpy": np.__version__, "blas": blas_info(np),
+        "torch": getattr(env.torch, "__version__", None), "torch_note": torch_note,
+        "cupy": None, "gpu": None,
+    }
+    if env.torch is not None and not env.gpu:
+        info["torch_threads"] = env.torch.get_num_threads()
+    if env.gpu:
+        import cupy
+
+        from xpnet.backend import device_name
+        info["cupy"] = cupy.__version__
+        info["gpu"] = device_name()
+    return info
+
+
+def blas_info(np: Any) -> str:
+    """'openblas 0.3.x (pthreads, 2 threads)' from threadpoolctl, else numpy's build."""
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            return "; ".join(f"{p['internal_api']} {p['version']} ({p.get('threading_layer')}"
+                             f", {p['num_threads']} threads)" for p in pools)
+    except ImportError:
+        pass
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # older numpy: no dict mode
+        return "unknown"
+
+
+# ------------------------------------------------------------------ the models
+def build_xpnet(name: str) -> Any:
+    from xpnet.models import build_model
+    return build_model(name, **MODELS[name][1])
+
+
+def build_torch(name: str, nn: Any) -> Any:
+    """The same network in torch.nn (layer for layer; inverted dropout on both sides)."""
+    if name == "mlp":
+        sizes = [784, 100, 100, 100, 100, 10]
+        layers = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
+    if name == "simple-convnet":
+        return nn.Sequential(nn.Conv2d(1, 30, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
+                             nn.Linear(30 * 12 * 12, 100), nn.ReLU(), nn.Linear(100, 10))
+    layers, c = [], 1
+    for i, (n, pad) in enumerate([(16, 1), (16, 1), (32, 1), (32, 2), (64, 1), (64, 1)]):
+        layers += [nn.Conv2d(c, n, 3, padding=pad), nn.ReLU()]
+        layers += [nn.MaxPool2d(2, 2)] if i % 2 else []
+        c = n
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, 50), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Linear(50, 10), nn.Dropout(0.5))
+
+
+def copy_weights(net: Any, model: Any, torch: Any) -> None:
+    """xpnet's W1, b1, W2, ... into the torch parameters, in order (Affine W transposed)."""
+    from xpnet.backend import to_cpu
+    ours, theirs = list(net.params.values()), list(model.parameters())
+    if len(ours) != len(theirs):
+        raise AssertionError(f"{len(ours)} xpnet params but {len(theirs)} torch params")
+    with torch.no_grad():
+        for a, p in zip(ours, theirs, strict=True):
+            a = to_cpu(a)
+            a = a.T if a.ndim == 2 else a
+            if tuple(a.shape) != tuple(p.shape):
+                raise AssertionError(f"shape {a.shape} != torch {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(a.copy()))
+
+
+def make_data(name: str, batch: int) -> tuple[Any, Any]:
+    """Seeded host data: images in [0, 1) and labels 0..9."""
+    import numpy as np
+    rng = np.random.default_rng(batch)
+    return (rng.random((batch, *MODELS[name][2]), dtype=np.float32),
+            rng.integers(0, 10, batch))
+
+
+def xpnet_case(name: str, task: str, batch: int) -> Callable[[], Any]:
+    """One call of ``task`` ('train' or 'infer') on a fresh xpnet network."""
+    from xpnet.backend import seed, to_backend
+    from xpnet.optim import Adam
+    seed(0)
+    net = build_xpnet(name)
+    x, t = (to_backend(a) for a in make_data(name, batch))
+    if task == "infer":
+        return lambda: net.predict(x, train_flg=False)
+    opt = Adam(lr=0.001)
+
+    def step():
+        grads = net.gradient(x, t)
+        opt.update(net.params, grads)
+    return step
+
+
+def torch_case(env: Env, name: str, task: str, batch: int) -> Callable[[], Any]:
+    """The same call in eager PyTorch (weights copied from a fresh xpnet network)."""
+    from xpnet.backend import seed, use_backend
+    torch, f = env.torch, env.torch.nn.functional
+    torch.manual_seed(0)
+    seed(0)
+    model = build_torch(name, torch.nn)
+    with use_backend("numpy"):  # host weights: no xpnet arrays on the GPU
+        copy_weights(build_xpnet(name), model, torch)
+    model.to(env.device)
+    x, t = (torch.from_numpy(a).to(env.device) for a in make_data(name, batch))
+    if task == "infer":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode():
+                return model(x)
+        return infer
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.001, eps=1e-7)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        f.cross_entropy(model(x), t).backward()
+        opt.step()
+    return step
+
+
+def check_same_outputs(env: Env, name: str) -> float:
+    """Max |logits difference| of the two networks in inference (they must agree)."""
+    from xpnet.backend import seed, to_backend, to_cpu
+    torch = env.torch
+    seed(0)
+    net = build_xpnet(name)
+    model = build_torch(name, torch.nn)
+    copy_weights(net, model, torch)
+    model.to(env.device).eval()
+    x, _ = make_data(name, 4)
+    ours = to_cpu(net.predict(to_backend(x), train_flg=False))
+    with torch.inference_mode():
+        theirs = model(torch.from_numpy(x).to(env.device)).cpu().numpy()
+    return float(abs(ours - theirs).max())
+
+
+# ------------------------------------------------------------------ timing
+def _other_threads_running() -> bool | None:
+    """Whether a thread of this process other than the caller is running or runnable
+    (state R in /proc: a BLAS/OpenMP worker spinning for work); None off Linux."""
+    me = threading.get_native_id()
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:  # the thread has just exited
+            continue
+        if tid != me and state == "R":
+            return True
+    return False
+
+
+def settle(limit: float = 1.0) -> None:
+    """Wait until the worker threads of the previous call have parked.
+
+    After a call, OpenBLAS's workers spin for about 2**28 cycles (~0.1 s) and
+    OpenMP's (PyTorch) for some ms, taking cores from whatever runs next; see
+    benchmarks/README.md.  Off Linux: a fixed 0.15 s pause.
+    """
+    end, idle = time.perf_counter() + limit, 0
+    while time.perf_counter() < end and idle < 2:  # two idle looks in a row
+        running = _other_threads_running()
+        if running is None:
+            time.sleep(0.15)
+            return
+        idle = 0 if running else idle + 1
+        time.sleep(0.002)
+
+
+def timed(env: Env, framework: str, fn: Callable[[], Any]) -> float:
+    """Milliseconds of one call, the device synchronised before and after."""
+    env.sync(framework)
+    t0 = time.perf_counter()
+    fn()
+    env.sync(framework)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(env: Env, cases: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+    """Per framework the times (ms) of ``reps`` calls, after ``warmup`` calls each."""
+    reps, settled = env.sizes["reps"], env.schedule == "settled"
+    for fw, fn in cases.items():
+        for _ in range(env.sizes["warmup"]):
+            fn()
+        env.sync(fw)
+    times: dict[str, list[float]] = {fw: [] for fw in cases}
+    if env.schedule == "blocks":
+        for fw, fn in cases.items():
+            settle()
+            times[fw] = [timed(env, fw, fn) for _ in range(reps)]
+        return times
+    for _ in range(reps):
+        for fw, fn in cases.items():
+            if settled:
+                settle()
+            times[fw].append(timed(env, fw, fn))
+    return times
+
+
+def summary(times: list[float], batch: int) -> dict:
+    q1, med, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    med = statistics.median(times)
+    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "images_per_s": batch / med * 1e3, "times_ms": [round(v, 4) for v in times]}
+
+
+def bench_case(env: Env, name: str, task: str, batch: int) -> dict:
+    """One row: the model's ``task`` at ``batch`` for each framework, and the ratio."""
+    cases = {"xpnet": xpnet_case(name, task, batch)}
+    if env.torch is not None:
+        cases["pytorch"] = torch_case(env, name, task, batch)
+    times = measure(env, cases)
+    row = {"model": name, "task": task, "batch": batch}
+    row.update({fw: summary(v, batch) for fw, v in times.items()})
+    if "pytorch" in row:
+        row["ratio"] = row["xpnet"]["median_ms"] / row["pytorch"]["median_ms"]
+    print(f"{name} {task} {batch}: " + ", ".join(
+        f"{fw} {row[fw]['median_ms']:.2f} ms" for fw in times), file=sys.stderr, flush=True)
+    return row
+
+
+# ------------------------------------------------------------------ memory
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: build one network and its data, then report the peak memory
+    of a few train steps above that baseline as one JSON line."""
+    framework, name = args.memory_child
+    gpu = args.backend == "cupy"
+    batch, steps = args.sizes["batch"], args.sizes["memory_steps"]
+    if framework == "xpnet":
+        from xpnet.backend import set_backend
+        set_backend(args.backend)
+        torch = None
+    else:
+        torch, why = import_torch(True, gpu)
+        if torch is None:
+            raise SystemExit(why)
+        torch.set_num_threads(args.threads)
+    env = Env(args.backend, gpu, torch, args.sizes, args.schedule)
+    step = xpnet_case(name, "train", batch) if framework == "xpnet" else \
+        torch_case(env, name, "train", batch)
+    out = {"framework": framework, "model": name, "batch": batch, "steps": steps}
+    if gpu:
+        env.sync(framework)
+        if framework == "xpnet":
+            import cupy
+            pool = cupy.get_default_memory_pool()
+            pool.free_all_blocks()
+            base = pool.used_bytes()
+        else:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        env.sync(framework)
+        peak = pool.total_bytes() if framework == "xpnet" else torch.cuda.max_memory_allocated()
+        out.update(method="cupy pool total_bytes" if framework == "xpnet"
+                   else "torch.cuda.max_memory_allocated", peak_mib=(peak - base) / 2**20)
+    else:
+        import gc
+        gc.collect()
+        base = _proc_status_kib("VmRSS")
+        try:  # "5" resets VmHWM (the peak RSS) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            method = "VmHWM after clear_refs"
+        except OSError:
+            method = "ru_maxrss (may include peaks before the baseline)"
+        for _ in range(steps):
+            step()
+        peak = _proc_status_kib("VmHWM") if method.startswith("VmHWM") else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out.update(method=method, baseline_mib=(base or 0) / 1024,
+                   peak_mib=(peak - (base or 0)) / 1024)
+    print(json.dumps(out))
+
+
+def memory_of(env: Env, framework: str, name: str, threads: int) -> dict:
+    """What :func:`memory_child` reports for one (framework, model), run in a child."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", framework, name,
+           "--backend", env.backend, "--threads", str(threads),
+           "--batch", str(env.sizes["batch"]), "--memory-steps", str(env.sizes["memory_steps"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DL_BACKEND": env.backend})
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {framework}/{name} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(env: Env, names: list[str], threads: int) -> list[dict]:
+    """Per model a row: each framework's train-step peak memory.  Every (framework, model)
+    gets its own child process; they run two at a time (a process's peak is its own, and
+    nothing is timed meanwhile)."""
+    fws = FRAMEWORKS if env.torch is not None else FRAMEWORKS[:1]
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {(fw, n): pool.submit(memory_of, env, fw, n, threads) for n in names for fw in fws}
+    rows = []
+    for n in names:
+        row = {"model": n, "batch": env.sizes["batch"], **{fw: jobs[fw, n].result() for fw in fws}}
+        if "pytorch" in row and row["pytorch"]["peak_mib"] > 0:
+            row["ratio"] = row["xpnet"]["peak_mib"] / row["pytorch"]["peak_mib"]
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ the suite
+def run(argv: list[str] | None = None) -> dict:
+    """Run the suite as the command line would; return the results (what --json writes)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    limit_threads(args.threads)
+    from xpnet.backend import get_backend_name, use_backend
+
+    backend = args.backend or get_backend_name()
+    with use_backend(backend):
+        torch, note = import_torch(not args.no_torch, backend == "cupy")
+        if torch is not None and backend != "cupy":
+            torch.set_num_threads(args.threads)
+        env = Env(backend, backend == "cupy", torch, args.sizes, args.schedule)
+        res: dict[str, Any] = {"info": machine_info(env, argv, args.threads, note),
+                               "sizes": {k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in args.sizes.items()},
+                               "models": {m: MODELS[m][0] for m in args.models},
+                               "check": {}, "steps": [], "sweep": [], "memory": []}
+        for name in args.models:
+            if torch is not None:
+                res["check"][name] = check_same_outputs(env, name)
+            res["steps"].append(bench_case(env, name, "train", args.sizes["batch"]))
+            res["steps"].append(bench_case(env, name, "infer", args.sizes["infer_batch"]))
+        if not args.skip_sweep and "deep-convnet" in args.models:
+            res["sweep"] = [bench_case(env, "deep-convnet", "train", b)
+                            for b in args.sizes["sweep"]]
+        if not args.skip_memory:
+            res["memory"] = bench_memory(env, args.models, args.threads)
+        res["info"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] \
+            if hasattr(os, "getloadavg") else None
+    return res
+
+
+# ------------------------------------------------------------------ output
+def _ms(side: dict | None) -> str:
+    return f"{side['median_ms']:.2f} ({side['iqr_ms']:.2f})" if side else "-"
+
+
+def _ips(side: dict | None) -> str:
+    return f"{side['images_per_s']:,.0f}" if side else "-"
+
+
+def _ratio(row: dict) -> str:
+    return f"{row['ratio']:.2f}" if "ratio" in row else "-"
+
+
+def markdown(res: dict) -> str:
+    """The results as Markdown: a header naming machine, command and date, then tables."""
+    i = res["info"]
+    torch = f"PyTorch {i['torch']}" if i["torch"] else f"no PyTorch ({i['torch_note']})"
+    versions = f"numpy {i['numpy']}" + (f", CuPy {i['cupy']}" if i["cupy"] else "")
+    load = "-".join(str(v[0]) for v in (i["loadavg"], i.get("loadavg_end")) if v)
+    lines = [f"**xpnet `{i['backend']}` backend vs {torch}**, float32", "",
+             f"- machine: {i['cpu']}, {i['cpus_usable']} usable cores"
+             + (f"; GPU {i['gpu']}" if i["gpu"] else f"; threads: {i['threads']}"),
+             f"- software: Python {i['python']}, {versions}, BLAS {i['blas']}",
+             f"- date: {i['date']}; load average {load} (start-end)",
+             f"- command: `{i['command']}`",
+             f"- median of {res['sizes']['reps']} reps, {i['schedule']} schedule (see "
+             "benchmarks/README.md), IQR in brackets; ratio = xpnet ms / PyTorch ms "
+             "(above 1: xpnet slower)", "",
+             "| model | step | batch | xpnet ms | PyTorch ms | xpnet img/s | PyTorch img/s "
+             "| xpnet/PyTorch |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in res["steps"]:
+        lines.append(f"| {res['models'][r['model']]} | {r['task']} | {r['batch']} | "
+                     f"{_ms(r['xpnet'])} | {_ms(r.get('pytorch'))} | {_ips(r['xpnet'])} | "
+                     f"{_ips(r.get('pytorch'))} | {_ratio(r)} |")
+    if res["sweep"]:
+        lines += ["", "DeepConvNet train step by batch size:", "",
+                  "| batch | xpnet ms | PyTorch ms | xpnet img/s | PyTorch img/s "
+                  "| xpnet/PyTorch |", "|--:|--:|--:|--:|--:|--:|"]
+        for r in res["sweep"]:
+            lines.append(f"| {r['batch']} | {_ms(r['xpnet'])} | {_ms(r.get('pytorch'))} | "
+                         f"{_ips(r['xpnet'])} | {_ips(r.get('pytorch'))} | {_ratio(r)} |")
+    if res["memory"]:
+        m = res["memory"][0]
+        lines += ["", f"Peak memory of the train step (batch {m['batch']}, {m['xpnet']['steps']}"
+                  f" steps) above the memory after building model and data, {m['xpnet']['method']}"
+                  " (one process per cell):", "",
+                  "| model | xpnet MiB | PyTorch MiB | xpnet/PyTorch |", "|---|--:|--:|--:|"]
+        for r in res["memory"]:
+            pt = f"{r['pytorch']['peak_mib']:.1f}" if "pytorch" in r else "-"
+            lines.append(f"| {res['models'][r['model']]} | {r['xpnet']['peak_mib']:.1f} | "
+                         f"{pt} | {_ratio(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(path: str | os.PathLike, res: dict) -> None:
+    """Replace the text between ``<!-- bench_models:BACKEND -->`` and
+    ``<!-- /bench_models:BACKEND -->`` in the Markdown file ``path`` by the tables."""
+    backend = res["info"]["backend"]
+    begin, end = f"<!-- bench_models:{backend} -->", f"<!-- /bench_models:{backend} -->"
+    with open(path) as f:
+        text = f.read()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"{path}: no {begin} ... {end} markers")
+    with open(path, "w") as f:
+        f.write(text[: i + len(begin)] + "\n" + markdown(res) + text[j:])
+
+
+def plot(res: dict) -> Any:
+    """A matplotlib figure: ms/step, images/s, the ratio to PyTorch, and the batch sweep."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    rows = res["steps"]
+    short = {"mlp": "MLP", "simple-convnet": "Simple", "deep-convnet": "Deep"}
+    labels = [f"{short[r['model']]}\n{r['task']} {r['batch']}" for r in rows]
+    pos = np.arange(len(rows))
+    fws = [fw for fw in FRAMEWORKS if rows and fw in rows[0]]
+    for ax, key, title in ((axes[0, 0], "median_ms", "ms per step (log)"),
+                           (axes[0, 1], "images_per_s", "images/s (log)")):
+        for k, fw in enumerate(fws):
+            ax.bar(pos + (k - 0.5 * (len(fws) - 1)) * 0.4, [r[fw][key] for r in rows], 0.4,
+                   label=fw)
+        ax.set(title=title, yscale="log", xticks=pos, xticklabels=labels)
+        ax.legend()
+    ax = axes[1, 0]
+    if "pytorch" in fws:
+        ax.bar(pos, [r["ratio"] for r in rows], color="tab:gray")
+        ax.axhline(1, color="k", lw=0.8)
+    else:
+        ax.text(0.5, 0.5, "no PyTorch: " + str(res["info"]["torch_note"]), ha="center",
+                transform=ax.transAxes)
+    ax.set(title="xpnet ms / PyTorch ms", xticks=pos, xticklabels=labels)
+    ax = axes[1, 1]
+    for fw in fws:
+        if res["sweep"]:
+            ax.plot([r["batch"] for r in res["sweep"]],
+                    [r[fw]["images_per_s"] for r in res["sweep"]], "o-", label=fw)
+    ax.set(title="DeepConvNet train step: images/s by batch", xlabel="batch")
+    if res["sweep"]:
+        batches = [r["batch"] for r in res["sweep"]]
+        ax.set_xscale("log")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xticks([], minor=True)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no batch sweep in this run", ha="center", transform=ax.transAxes)
+    i = res["info"]
+    fig.suptitle(f"xpnet ({i['backend']}) vs PyTorch, {i['gpu'] or i['cpu']}, "
+                 f"threads: {i['threads']}, {i['date'][:10]}")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.memory_child:
+        limit_threads(args.threads)
+        memory_child(args)
+        return 0
+    res = run(argv)
+    md = markdown(res)
+    print(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.png:
+        plot(res).savefig(args.png, dpi=120)
+    if args.doc:
+        update_doc(args.doc, res)
+    bad = [r for r in res["steps"] + res["sweep"] for fw in FRAMEWORKS
+           if fw in r and not math.isfinite(r[fw]["median_ms"])]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
