@@ -228,12 +228,29 @@ def build(results: Path, output: Path) -> str:
         extra = EXTRAS.get(name)
         if extra is not None:
             lines += extra(s) + [""]
+        lines += other_seeds(results / name, s)
         for note in s.get("notes", []):
             lines += [f"Note: {note}", ""]
         for fig in s["figures"]:
             rel = os.path.relpath(results / name / fig, output.parent)
             lines += [f"![{name}: {fig}]({rel})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def other_seeds(folder: Path, main: dict) -> list[str]:
+    """Rows for ``seed<N>_summary.json`` files: the same experiment rerun with other seeds."""
+    extra = sorted(folder.glob("seed*_summary.json"))
+    if not extra:
+        return []
+    runs = [main] + [json.loads(p.read_text()) for p in extra]
+    lines = ["The same run with other seeds (a single seed's accuracy is noisy, about +-0.2 "
+             "points on MNIST):", "", "| seed | check | numbers | verdict | wall time |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in runs:
+        for key, c in r["checks"].items():
+            lines.append(f"| {r['seed']} | {key} | {cell(format_numbers(c['numbers']))} | "
+                         f"{verdict(c['holds'])} | {duration(r['wall_time_s'])} |")
+    return lines + [""]
 
 
 def machines(summaries: dict[str, dict | None]) -> str:
