@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -111,7 +110,7 @@ def import_torch(want: bool, gpu: bool) -> tuple[Any, str | None]:
     try:
         import torch
     except ImportError as exc:
-        return None, f"PyTorch not importable ({exc})"
+        return None, f"cannot import torch: {exc}"
     if gpu:
         if not torch.cuda.is_available():
             return None, "this PyTorch has no CUDA device"
@@ -128,15 +127,16 @@ class Env:
         self.backend, self.gpu, self.torch = backend, gpu, torch
         self.sizes, self.schedule = sizes, schedule
         self.device = "cuda" if gpu else "cpu"
-        if gpu:
-            import cupy
-            self._cupy = cupy
+        self._cupy: Any = None
 
     def sync(self, framework: str) -> None:
         """Wait for the framework's queued GPU work (nothing to do on the CPU)."""
         if not self.gpu:
             return
         if framework == "xpnet":
+            if self._cupy is None:
+                import cupy
+                self._cupy = cupy
             self._cupy.cuda.Device().synchronize()
         else:
             self.torch.cuda.synchronize()
@@ -177,13 +177,13 @@ def machine_info(env: Env, argv: list[str], threads: int, torch_note: str | None
 
 
 def blas_info(np: Any) -> str:
-    """'openblas 0.3.x (pthreads, 2 threads)' from threadpoolctl, else numpy's build."""
+    """'openblas 0.3.x (pthreads, threads: 2)' from threadpoolctl, else numpy's build."""
     try:
         from threadpoolctl import threadpool_info
         pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
         if pools:
             return "; ".join(f"{p['internal_api']} {p['version']} ({p.get('threading_layer')}"
-                             f", {p['num_threads']} threads)" for p in pools)
+                             f", threads: {p['num_threads']})" for p in pools)
     except ImportError:
         pass
     try:
@@ -371,7 +371,7 @@ def measure(env: Env, cases: dict[str, Callable[[], Any]]) -> dict[str, list[flo
 
 
 def summary(times: list[float], batch: int) -> dict:
-    q1, med, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     med = statistics.median(times)
     return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
             "images_per_s": batch / med * 1e3, "times_ms": [round(v, 4) for v in times]}
@@ -441,8 +441,12 @@ def memory_child(args: argparse.Namespace) -> None:
                    else "torch.cuda.max_memory_allocated", peak_mib=(peak - base) / 2**20)
     else:
         import gc
+        import resource
         gc.collect()
         base = _proc_status_kib("VmRSS")
+        if base is None:
+            print(json.dumps({**out, "method": "unavailable (no /proc)", "peak_mib": math.nan}))
+            return
         try:  # "5" resets VmHWM (the peak RSS) to the current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -452,9 +456,8 @@ def memory_child(args: argparse.Namespace) -> None:
         for _ in range(steps):
             step()
         peak = _proc_status_kib("VmHWM") if method.startswith("VmHWM") else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out.update(method=method, baseline_mib=(base or 0) / 1024,
-                   peak_mib=(peak - (base or 0)) / 1024)
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        out.update(method=method, baseline_mib=base / 1024, peak_mib=(peak - base) / 1024)
     print(json.dumps(out))
 
 
@@ -536,12 +539,13 @@ def _ratio(row: dict) -> str:
 def markdown(res: dict) -> str:
     """The results as Markdown: a header naming machine, command and date, then tables."""
     i = res["info"]
-    torch = f"PyTorch {i['torch']}" if i["torch"] else f"no PyTorch ({i['torch_note']})"
+    title = f"**xpnet `{i['backend']}` backend vs PyTorch {i['torch']}**, float32" if i["torch"] \
+        else f"**xpnet `{i['backend']}` backend**, float32 (no PyTorch: {i['torch_note']})"
     versions = f"numpy {i['numpy']}" + (f", CuPy {i['cupy']}" if i["cupy"] else "")
     load = "-".join(str(v[0]) for v in (i["loadavg"], i.get("loadavg_end")) if v)
-    lines = [f"**xpnet `{i['backend']}` backend vs {torch}**, float32", "",
+    lines = [title, "",
              f"- machine: {i['cpu']}, {i['cpus_usable']} usable cores"
-             + (f"; GPU {i['gpu']}" if i["gpu"] else f"; threads: {i['threads']}"),
+             + (f"; {i['gpu']}" if i["gpu"] else f"; threads: {i['threads']}"),
              f"- software: Python {i['python']}, {versions}, BLAS {i['blas']}",
              f"- date: {i['date']}; load average {load} (start-end)",
              f"- command: `{i['command']}`",
@@ -563,9 +567,10 @@ def markdown(res: dict) -> str:
                          f"{_ips(r['xpnet'])} | {_ips(r.get('pytorch'))} | {_ratio(r)} |")
     if res["memory"]:
         m = res["memory"][0]
+        how = "; ".join(dict.fromkeys(m[fw]["method"] for fw in FRAMEWORKS if fw in m))
         lines += ["", f"Peak memory of the train step (batch {m['batch']}, {m['xpnet']['steps']}"
-                  f" steps) above the memory after building model and data, {m['xpnet']['method']}"
-                  " (one process per cell):", "",
+                  f" steps) above the memory after building model and data ({how}; one "
+                  "process per cell):", "",
                   "| model | xpnet MiB | PyTorch MiB | xpnet/PyTorch |", "|---|--:|--:|--:|"]
         for r in res["memory"]:
             pt = f"{r['pytorch']['peak_mib']:.1f}" if "pytorch" in r else "-"
@@ -638,11 +643,16 @@ def plot(res: dict) -> Any:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    limit_threads(args.threads)  # before numpy loads
     if args.memory_child:
-        limit_threads(args.threads)
         memory_child(args)
         return 0
-    res = run(argv)
+    from xpnet.backend import BackendError
+    try:
+        res = run(argv)
+    except BackendError as exc:  # e.g. --backend cupy without CuPy or a GPU
+        print(f"bench_models: {exc}", file=sys.stderr)
+        return 2
     md = markdown(res)
     print(md)
     if args.md:
