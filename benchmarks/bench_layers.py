@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     limit_threads(args.threads)
     import numpy as np
+    from bench_models import settle  # sibling script (benchmarks/ is sys.path[0])
 
     from xpnet.backend import get_backend, get_backend_name, get_rng, seed, to_cpu
     from xpnet.layers import Convolution
@@ -110,8 +111,9 @@ def main(argv=None) -> int:
         times = {name: [] for name in cases}
         for fn_ in cases.values():  # warm-up
             fn_()
-        for _ in range(args.reps):  # interleaved, rep by rep
+        for _ in range(args.reps):  # interleaved rep by rep, each after idle workers
             for name, fn_ in cases.items():
+                settle()  # see benchmarks/README.md: spinning BLAS/OpenMP threads
                 times[name].append(timed(fn_))
         med = {name: statistics.median(v) for name, v in times.items()}
         row = {"shape": f"{n}x{c}x{h}x{w}, {fn}x{k}x{k}, pad {pad}", **med}
