@@ -9,7 +9,8 @@ class SoftmaxWithLoss(Layer):
     """Mean cross-entropy of softmax(x) against labels t.
 
     x: (N, K) logits.  t: (N,) integer labels in [0, K), or (N, K) one-hot.
-    forward returns the loss as a 0-d array on x's device (no host sync);
+    forward returns the loss on x's device without a host sync (a NumPy scalar
+    on the CPU, a 0-d CuPy array on the GPU);
     backward(dout=1) returns dx (N, K).
 
     The softmax is computed in log-sum-exp form, stable for logits of +-1e4.
