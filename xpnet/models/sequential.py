@@ -21,19 +21,18 @@ bookkeeping the book repeats in each network class:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import numbers
 import os
-import secrets
 import zipfile
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy
 
+from xpnet._atomic import atomic_write
 from xpnet.backend import (
     BackendMismatchError,
     check_same_backend,
@@ -152,20 +151,6 @@ def _check_lambda(value: Any) -> float:
             or not math.isfinite(value) or value < 0:
         raise ValueError(f"weight_decay_lambda: expected a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Sequential:
@@ -444,21 +429,7 @@ class Sequential:
         path = os.fspath(path)
         arrays = {f"{section}/{k}": to_cpu(v)
                   for section in _SECTIONS for k, v in getattr(self, section).items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory,
-                           f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                numpy.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        atomic_write(path, lambda f: numpy.savez(f, **arrays))
 
     def load_params(self, path: str | os.PathLike) -> None:
         """Load what :meth:`save_params` wrote; never unpickles anything.

@@ -30,16 +30,17 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from xpnet._atomic import TMP_SUFFIX as _TMP_SUFFIX
+from xpnet._atomic import atomic_write
 from xpnet.backend import get_array_module, to_backend, to_cpu
 
 __all__ = [
@@ -59,7 +60,6 @@ FORMAT_NAME = "xpnet-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_MEMBER = "__manifest__"
 _ZIP_MAGIC = b"PK\x03\x04"
-_TMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -81,49 +81,6 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # --------------------------------------------------------------------- helpers
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so that a rename in it is durable (no-op where unsupported)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(directory, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write a file atomically: ``write(f)`` fills a temp file that then replaces ``path``.
-
-    The temporary file lives in the same directory (``.<name>.<random>.tmp``), is
-    flushed and fsync'ed before ``os.replace``, and the directory is fsync'ed after.
-    On any exception the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=directory)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-    return path
-
-
 def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
 
