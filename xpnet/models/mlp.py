@@ -76,6 +76,14 @@ class MultiLayerNet(Sequential):
     def __init__(self, input_size: int, hidden_size_list: Sequence[int], output_size: int,
                  activation: str = "relu", weight_init_std: float | str = "relu",
                  weight_decay_lambda: float = 0, dtype: Any = None) -> None:
+        self._build_mlp(input_size, hidden_size_list, output_size, activation,
+                        weight_init_std, weight_decay_lambda, dtype)
+
+    def _build_mlp(self, input_size: Any, hidden_size_list: Any, output_size: Any,
+                   activation: Any, weight_init_std: Any, weight_decay_lambda: Any,
+                   dtype: Any, use_batchnorm: bool = False, dropout_ratio: float | None = None,
+                   extra_config: dict | None = None) -> None:
+        """Validate the arguments, build the layers and set up the container."""
         name = type(self).__name__
         sizes = _sizes(name, input_size, hidden_size_list, output_size)
         activation = _activation(name, activation)
@@ -89,13 +97,14 @@ class MultiLayerNet(Sequential):
         config = {"input_size": sizes[0], "hidden_size_list": sizes[1:-1],
                   "output_size": sizes[-1], "activation": activation,
                   "weight_init_std": spec, "weight_decay_lambda": lam,
-                  "dtype": dt.name}
-        super().__init__(_build(name, sizes, activation, spec, dt),
-                         weight_decay_lambda=lam, config=config,
-                         input_shape=(sizes[0],))
+                  **(extra_config or {}), "dtype": dt.name}
+        layers = _build(name, sizes, activation, spec, dt, use_batchnorm=use_batchnorm,
+                        dropout_ratio=dropout_ratio)
+        Sequential.__init__(self, layers, weight_decay_lambda=lam, config=config,
+                            input_shape=(sizes[0],))
 
 
-class MultiLayerNetExtend(Sequential):
+class MultiLayerNetExtend(MultiLayerNet):
     """MultiLayerNet with optional Batch Normalization and Dropout.
 
     Per hidden layer: Affine -> [BatchNorm] -> activation -> [Dropout]; then Affine
@@ -119,23 +128,12 @@ class MultiLayerNetExtend(Sequential):
                 raise ValueError(f"{name}: dropout_ratio={dropout_ratio!r} and "
                                  f"dropout_ration={dropout_ration!r} disagree; give one")
             dropout_ratio = dropout_ration
-        sizes = _sizes(name, input_size, hidden_size_list, output_size)
-        activation = _activation(name, activation)
-        spec = init_spec(weight_init_std)
-        dt = float_dtype(name, dtype)
-        lam = _check_lambda(weight_decay_lambda)
-        self.input_size, self.output_size = sizes[0], sizes[-1]
-        self.hidden_size_list = sizes[1:-1]
-        self.hidden_layer_num = len(self.hidden_size_list)
-        self.activation = activation
         self.use_dropout, self.use_batchnorm = bool(use_dropout), bool(use_batchnorm)
         self.dropout_ratio = float(dropout_ratio)
-        config = {"input_size": sizes[0], "hidden_size_list": sizes[1:-1],
-                  "output_size": sizes[-1], "activation": activation,
-                  "weight_init_std": spec, "weight_decay_lambda": lam,
-                  "use_dropout": self.use_dropout, "dropout_ratio": self.dropout_ratio,
-                  "use_batchnorm": self.use_batchnorm, "dtype": dt.name}
-        layers = _build(name, sizes, activation, spec, dt, use_batchnorm=self.use_batchnorm,
-                        dropout_ratio=self.dropout_ratio if self.use_dropout else None)
-        super().__init__(layers, weight_decay_lambda=lam, config=config,
-                         input_shape=(sizes[0],))
+        self._build_mlp(input_size, hidden_size_list, output_size, activation,
+                        weight_init_std, weight_decay_lambda, dtype,
+                        use_batchnorm=self.use_batchnorm,
+                        dropout_ratio=self.dropout_ratio if self.use_dropout else None,
+                        extra_config={"use_dropout": self.use_dropout,
+                                      "dropout_ratio": self.dropout_ratio,
+                                      "use_batchnorm": self.use_batchnorm})
