@@ -337,3 +337,43 @@ def train_iterations(network: Any, optimizer: Any, x: Any, t: Any, iterations: i
         optimizer.update(network.params, grads)
         losses.append(network.last_loss)
     return host_floats(losses)
+
+
+def gap_report(run: Run, curves: dict[str, tuple[str, Any, Any]], figure: str, check: str,
+               claim: str, last: int = 20) -> None:
+    """Results, a two-panel figure and the check of an overfitting comparison.
+
+    ``curves`` maps a result key to (panel title, train accuracies, test accuracies) per
+    epoch: first the run without the regulariser, then the run with it.  The check
+    holds when the final train-test gap is smaller with it.
+    """
+    res = {}
+    for key, (_, tr, te) in curves.items():
+        gap = np.asarray(tr) - np.asarray(te)
+        res[key] = {"final_train_acc": tr[-1], "final_test_acc": te[-1], "final_gap": gap[-1],
+                    f"mean_gap_last_{last}_epochs": float(gap[-last:].mean()),
+                    "train_acc": list(tr), "test_acc": list(te)}
+    run.results.update(res)
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(11, 4), sharey=True)
+    for ax, (title, tr, te) in zip(axes, curves.values(), strict=True):
+        ep = np.arange(1, len(tr) + 1)
+        every = max(1, len(tr) // 20)
+        ax.plot(ep, tr, marker="o", markevery=every, markersize=3, label="train")
+        ax.plot(ep, te, marker="s", markevery=every, markersize=3, label="test")
+        ax.set_title(f"{title}: final train {tr[-1]:.3f}, test {te[-1]:.3f}, "
+                     f"gap {tr[-1] - te[-1]:.3f}")
+        ax.set_xlabel("epochs")
+        ax.set_ylim(0, 1.0)
+        ax.legend(loc="lower right")
+    axes[0].set_ylabel("accuracy")
+    fig.tight_layout()
+    run.savefig(fig, figure)
+
+    a, b = res.values()
+    key = f"mean_gap_last_{last}_epochs"
+    run.check(check, claim, b["final_gap"] < a["final_gap"],
+              {"gap_without": a["final_gap"], "gap_with": b["final_gap"],
+               "train_test_without": [a["final_train_acc"], a["final_test_acc"]],
+               "train_test_with": [b["final_train_acc"], b["final_test_acc"]],
+               f"gap_without_last_{last}": a[key], f"gap_with_last_{last}": b[key]})

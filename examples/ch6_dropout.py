@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import _common
 import numpy as np
-from _common import plt
 
 from xpnet.models import MultiLayerNetExtend
 from xpnet.train import Trainer
@@ -56,41 +55,12 @@ def main() -> None:
         curves[use_dropout] = (np.array(trainer.train_acc_list),
                                np.array(trainer.test_acc_list))
 
-    res = {}
-    for use_dropout, (tr, te) in curves.items():
-        gap = tr - te
-        res["dropout" if use_dropout else "no_dropout"] = {
-            "final_train_acc": tr[-1], "final_test_acc": te[-1], "final_gap": gap[-1],
-            f"mean_gap_last_{LAST}_epochs": float(gap[-LAST:].mean()),
-            "train_acc": tr.tolist(), "test_acc": te.tolist()}
-    run.results.update(res)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, use_dropout in zip(axes, (False, True), strict=True):
-        tr, te = curves[use_dropout]
-        ep = np.arange(1, len(tr) + 1)
-        ax.plot(ep, tr, marker="o", markevery=max(1, epochs // 20), markersize=3, label="train")
-        ax.plot(ep, te, marker="s", markevery=max(1, epochs // 20), markersize=3, label="test")
-        what = f"Dropout {ratio}" if use_dropout else "no Dropout"
-        ax.set_title(f"{what}: final train {tr[-1]:.3f}, test {te[-1]:.3f}, "
-                     f"gap {tr[-1] - te[-1]:.3f}")
-        ax.set_xlabel("epochs")
-        ax.set_ylim(0, 1.0)
-        ax.legend(loc="lower right")
-    axes[0].set_ylabel("accuracy")
-    fig.tight_layout()
-    run.savefig(fig, "dropout.png")
-
-    a, b = res["no_dropout"], res["dropout"]
-    key = f"mean_gap_last_{LAST}_epochs"
-    run.check("dropout_smaller_gap",
-              "the gap between training and test accuracy is smaller with Dropout than "
-              "without (final epoch)",
-              b["final_gap"] < a["final_gap"],
-              {"gap_without": a["final_gap"], "gap_with": b["final_gap"],
-               "train_test_without": [a["final_train_acc"], a["final_test_acc"]],
-               "train_test_with": [b["final_train_acc"], b["final_test_acc"]],
-               f"gap_without_last_{LAST}": a[key], f"gap_with_last_{LAST}": b[key]})
+    _common.gap_report(
+        run, {"no_dropout": ("no Dropout", *curves[False]),
+              "dropout": (f"Dropout {ratio}", *curves[True])},
+        "dropout.png", "dropout_smaller_gap",
+        "the gap between training and test accuracy is smaller with Dropout than "
+        "without (final epoch)", last=LAST)
     run.finish()
 
 

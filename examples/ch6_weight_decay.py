@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import _common
 import numpy as np
-from _common import plt
 
 from xpnet.models import MultiLayerNet
 from xpnet.optim import SGD
@@ -57,40 +56,12 @@ def main() -> None:
             test_acc.append(net.accuracy(x_test, t_test))
         curves[lam] = (np.array(train_acc), np.array(test_acc))
 
-    res = {}
-    for lam, (tr, te) in curves.items():
-        gap = tr - te
-        res[f"lambda={lam}"] = {"final_train_acc": tr[-1], "final_test_acc": te[-1],
-                                "final_gap": gap[-1],
-                                f"mean_gap_last_{LAST}_epochs": float(gap[-LAST:].mean()),
-                                "train_acc": tr.tolist(), "test_acc": te.tolist()}
-    run.results.update(res)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, lam in zip(axes, LAMBDAS, strict=True):
-        tr, te = curves[lam]
-        ep = np.arange(1, epochs + 1)
-        ax.plot(ep, tr, marker="o", markevery=max(1, epochs // 20), markersize=3, label="train")
-        ax.plot(ep, te, marker="s", markevery=max(1, epochs // 20), markersize=3, label="test")
-        ax.set_title(f"weight decay lambda = {lam}: final train {tr[-1]:.3f}, test "
-                     f"{te[-1]:.3f}, gap {tr[-1] - te[-1]:.3f}")
-        ax.set_xlabel("epochs")
-        ax.set_ylim(0, 1.0)
-        ax.legend(loc="lower right")
-    axes[0].set_ylabel("accuracy")
-    fig.tight_layout()
-    run.savefig(fig, "weight_decay.png")
-
-    a, b = res["lambda=0.0"], res["lambda=0.1"]
-    key = f"mean_gap_last_{LAST}_epochs"
-    run.check("decay_smaller_gap",
-              "the gap between training and test accuracy is smaller with weight decay "
-              "(lambda 0.1) than without (final epoch)",
-              b["final_gap"] < a["final_gap"],
-              {"gap_without": a["final_gap"], "gap_with": b["final_gap"],
-               "train_test_without": [a["final_train_acc"], a["final_test_acc"]],
-               "train_test_with": [b["final_train_acc"], b["final_test_acc"]],
-               f"gap_without_last_{LAST}": a[key], f"gap_with_last_{LAST}": b[key]})
+    _common.gap_report(
+        run, {f"lambda={lam}": (f"weight decay lambda = {lam}", *curves[lam])
+              for lam in LAMBDAS},
+        "weight_decay.png", "decay_smaller_gap",
+        "the gap between training and test accuracy is smaller with weight decay "
+        "(lambda 0.1) than without (final epoch)", last=LAST)
     run.finish()
 
 
