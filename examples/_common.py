@@ -377,3 +377,35 @@ def gap_report(run: Run, curves: dict[str, tuple[str, Any, Any]], figure: str, c
                "train_test_without": [a["final_train_acc"], a["final_test_acc"]],
                "train_test_with": [b["final_train_acc"], b["final_test_acc"]],
                f"gap_without_last_{last}": a[key], f"gap_with_last_{last}": b[key]})
+
+
+def training_report(run: Run, trainer: Any, train_seconds: float, params_file: str,
+                    test_images: int) -> float:
+    """Record a Trainer run's numbers and plot its loss and accuracy curves.
+
+    Returns the final test accuracy (over ``test_images`` images).
+    """
+    h = trainer.history
+    acc = float(trainer.final_test_acc)
+    run.results.update(final_test_acc=acc, train_seconds=train_seconds,
+                       epoch_seconds=h["epoch_time"], images_per_sec=h["images_per_sec"],
+                       train_acc=trainer.train_acc_list, test_acc=trainer.test_acc_list,
+                       params_file=params_file)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    loss = np.asarray(trainer.train_loss_list)
+    axes[0].plot(loss, color="0.75", linewidth=0.5, label="per step")
+    axes[0].plot(smooth(loss, 101), label="smoothed")
+    axes[0].set_xlabel("iterations")
+    axes[0].set_ylabel("training loss")
+    axes[0].set_ylim(0, max(0.5, float(np.median(loss[: max(1, len(loss) // 20)]))))
+    axes[0].legend()
+    ep = np.arange(1, len(trainer.train_acc_list) + 1)
+    axes[1].plot(ep, trainer.train_acc_list, "o-", label="train (1000 samples)")
+    axes[1].plot(ep, trainer.test_acc_list, "s-", label="test (1000 samples)")
+    axes[1].set_xlabel("epochs")
+    axes[1].set_ylabel("accuracy")
+    axes[1].set_title(f"final test accuracy ({test_images}): {100 * acc:.2f} %")
+    axes[1].legend(loc="lower right")
+    fig.tight_layout()
+    run.savefig(fig, "training_curves.png")
+    return acc

@@ -103,31 +103,8 @@ def main() -> None:
     trainer.train()
     train_seconds = time.perf_counter() - t0
     net.save_params(run.out / "deep_convnet_params.npz")
-    acc = float(trainer.final_test_acc)
-    h = trainer.history
-    run.results.update(final_test_acc=acc, train_seconds=train_seconds,
-                       epoch_seconds=h["epoch_time"], images_per_sec=h["images_per_sec"],
-                       train_acc=trainer.train_acc_list, test_acc=trainer.test_acc_list,
-                       params_file="deep_convnet_params.npz")
-
-    # ---- curves
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    loss = np.asarray(trainer.train_loss_list)
-    axes[0].plot(loss, color="0.75", linewidth=0.5, label="per step")
-    axes[0].plot(_common.smooth(loss, 101), label="smoothed")
-    axes[0].set_xlabel("iterations")
-    axes[0].set_ylabel("training loss")
-    axes[0].set_ylim(0, max(0.5, float(np.median(loss[: max(1, len(loss) // 20)]))))
-    axes[0].legend()
-    ep = np.arange(1, len(trainer.train_acc_list) + 1)
-    axes[1].plot(ep, trainer.train_acc_list, "o-", label="train (1000 samples)")
-    axes[1].plot(ep, trainer.test_acc_list, "s-", label="test (1000 samples)")
-    axes[1].set_xlabel("epochs")
-    axes[1].set_ylabel("accuracy")
-    axes[1].set_title(f"final test accuracy ({len(x_test)}): {100 * acc:.2f} %")
-    axes[1].legend(loc="lower right")
-    fig.tight_layout()
-    run.savefig(fig, "training_curves.png")
+    acc = _common.training_report(run, trainer, train_seconds, "deep_convnet_params.npz",
+                                  len(x_test))
 
     # ---- the first 20 misclassified test digits
     pred, _ = predict_labels(net, x_test, 500, "misclassified")
