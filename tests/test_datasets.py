@@ -509,8 +509,9 @@ def test_download_forbidden_mirror_then_good_one(server, use_spec):
 def test_download_cut_mid_body_rejected_and_nothing_left(server, use_spec):
     files = synthetic_files()
     use_spec(synthetic_spec(files, mirrors=(serve(server, "cut", files, mode="cut"),)))
-    # The server hangs up at once; the default 30 s socket timeout only matters on
-    # a starved machine, where 5 s once turned the hang-up into a timeout.
+    # The server hangs up at once, so the default 30 s socket timeout costs nothing;
+    # a 5 s one could expire first on a starved machine (this test failed once,
+    # unexplained, under load average 5).
     with pytest.raises(DatasetNotFoundError, match="connection closed after") as err:
         fetch.ensure_files(mnist.DATASETS["mnist"])
     assert "403" not in str(err.value)
