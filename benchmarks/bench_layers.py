@@ -39,17 +39,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def limit_threads(n: int) -> None:
-    # BLAS pools read these when first loaded, so set them before numpy/torch import.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    limit_threads(args.threads)
+    # sibling script (benchmarks/ is sys.path[0]); it imports no numpy at module level
+    from bench_models import limit_threads, settle
+
+    limit_threads(args.threads)  # before numpy loads its BLAS
     import numpy as np
-    from bench_models import settle  # sibling script (benchmarks/ is sys.path[0])
 
     from xpnet.backend import get_backend, get_backend_name, get_rng, seed, to_cpu
     from xpnet.layers import Convolution

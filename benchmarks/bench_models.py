@@ -93,6 +93,8 @@ def limit_threads(n: int) -> None:
     pools already loaded (threadpoolctl, torch), for a caller that imported them first."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
+    # xpnet's own threads (xpnet.backend.threads), unless chosen explicitly.
+    os.environ.setdefault("XPNET_NUM_THREADS", str(n))
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -165,6 +167,9 @@ def machine_info(env: Env, argv: list[str], threads: int, torch_note: str | None
         "torch": getattr(env.torch, "__version__", None), "torch_note": torch_note,
         "cupy": None, "gpu": None,
     }
+    if not env.gpu:
+        from xpnet.backend import get_num_threads
+        info["xpnet_threads"] = get_num_threads()
     if env.torch is not None and not env.gpu:
         info["torch_threads"] = env.torch.get_num_threads()
     if env.gpu:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy
 
+from xpnet.backend.threads import get_num_threads, set_num_threads
+
 __all__ = [
     "xp",
     "BackendError",
@@ -45,6 +47,8 @@ __all__ = [
     "get_rng",
     "Random",
     "device_name",
+    "get_num_threads",
+    "set_num_threads",
 ]
 
 BACKENDS = ("numpy", "cupy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.backend.threads import batch_slices, parallel_map
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 from xpnet.layers.im2col import crop_padding, fill_cols, geometry, pad_into, scatter_cols
 
@@ -55,12 +56,11 @@ class Convolution(Layer):
                    "a whole output size", f"{size} - {k} = {size - k}")
         return geometry(x.shape, kh, kw, self.stride, self.pad)
 
-    def _chunks(self, tag: str, xp: Any, x: Array, g):
-        """Yield (start, stop, col) over the batch, col = im2col of x[start:stop]."""
-        n = x.shape[0]
-        step = chunk_size(xp, n, g.ckk * g.length * x.dtype.itemsize)
-        for start in range(0, n, step):
-            stop = min(n, start + step)
+    def _chunks(self, tag: str, xp: Any, x: Array, g, part: slice):
+        """Yield (start, stop, col) over x[part], col = im2col of x[start:stop]."""
+        step = chunk_size(xp, part.stop - part.start, g.ckk * g.length * x.dtype.itemsize)
+        for start in range(part.start, part.stop, step):
+            stop = min(part.stop, start + step)
             m = stop - start
             padded = self._workspace(tag + "padded", xp, g.padded_shape(m), x.dtype)
             col = self._workspace(tag + "col", xp, g.col_shape(m), x.dtype)
@@ -72,21 +72,25 @@ class Convolution(Layer):
         fn, m = dout.shape[1], stop - start
         buf = self._workspace("dcols", xp, (fn, m, g.oh, g.pitch), dout.dtype)
         if g.pitch > g.ow:
-            buf[..., g.ow :] = 0  # junk columns contribute nothing
-        buf[..., : g.ow] = dout[start:stop].transpose(1, 0, 2, 3)
+            xp.copyto(buf[..., g.ow :], 0)  # junk columns contribute nothing
+        xp.copyto(buf[..., : g.ow], dout[start:stop].transpose(1, 0, 2, 3))
         return buf.reshape(fn, -1)
 
     def _correlate(self, tag: str, xp: Any, x: Array, g, W2: Array, out: Array,
                    bias: Array | float = 0.0) -> Array:
         """out = W2 (FN, C*KH*KW) applied to every patch of x, plus bias."""
         fn = W2.shape[0]
-        for start, stop, col in self._chunks(tag, xp, x, g):
-            m = stop - start
-            y = self._workspace(tag + "y", xp, (fn, m * g.length), x.dtype)
-            xp.matmul(W2, col, out=y)
-            # Back to (m, FN, OH, OW): crop the junk columns and add the bias in one pass.
-            y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
-            xp.add(y, bias, out=out[start:stop])
+
+        def correlate_part(part: slice) -> None:
+            for start, stop, col in self._chunks(tag, xp, x, g, part):
+                m = stop - start
+                y = self._workspace(tag + "y", xp, (fn, m * g.length), x.dtype)
+                xp.matmul(W2, col, out=y)
+                # Back to (m, FN, OH, OW): crop the junk columns, add the bias, in one pass.
+                y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
+                xp.add(y, bias, out=out[start:stop])
+
+        parallel_map(correlate_part, batch_slices(xp, x.shape[0]))
         return out
 
     def forward(self, x: Array, train: bool = True) -> Array:
@@ -108,10 +112,20 @@ class Convolution(Layer):
         fn = W.shape[0]
         expect(dout.shape == (x.shape[0], fn, g.oh, g.ow), self.name, "dout.shape",
                (x.shape[0], fn, g.oh, g.ow), tuple(dout.shape))
-        dW = xp.zeros((fn, g.ckk), dtype=W.dtype)
-        for start, stop, col in self._chunks("f", xp, x, g):
-            dW += self._dout_cols(xp, dout, start, stop, g) @ col.T
-        self.grads = {"W": dW.reshape(W.shape), "b": dout.sum(axis=(0, 2, 3))}
+
+        def weight_gradient_part(part: slice) -> tuple[Array, Array]:
+            dW = xp.zeros((fn, g.ckk), dtype=W.dtype)
+            for start, stop, col in self._chunks("f", xp, x, g, part):
+                dW += self._dout_cols(xp, dout, start, stop, g) @ col.T
+            return dW, dout[part].sum(axis=(0, 2, 3))
+
+        # Per-thread partial sums, added in slice order: the same result every run.
+        parts = parallel_map(weight_gradient_part, batch_slices(xp, x.shape[0]))
+        dW, db = parts[0]
+        for dW_part, db_part in parts[1:]:
+            dW += dW_part
+            db += db_part
+        self.grads = {"W": dW.reshape(W.shape), "b": db}
         if not self.need_input_grad:
             return None
         return self._input_gradient(xp, dout, g)
@@ -129,14 +143,18 @@ class Convolution(Layer):
             return self._correlate("b", xp, dout, gt, Wt.reshape(c, -1), dx)
         # General case: dcol = W^T dout, then col2im.
         W2T = W.reshape(fn, -1).T
-        n = dout.shape[0]
-        step = chunk_size(xp, n, g.ckk * g.length * dout.dtype.itemsize)
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            m = stop - start
-            dcol = self._workspace("dcol", xp, g.col_shape(m), dout.dtype)
-            xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g), out=dcol)
-            dpadded = self._workspace("dpadded", xp, g.padded_shape(m), dout.dtype)
-            scatter_cols(dcol, g, dpadded)
-            dx[start:stop] = crop_padding(dpadded, g)
+
+        def col2im_part(part: slice) -> None:
+            n = part.stop - part.start
+            step = chunk_size(xp, n, g.ckk * g.length * dout.dtype.itemsize)
+            for start in range(part.start, part.stop, step):
+                stop = min(part.stop, start + step)
+                m = stop - start
+                dcol = self._workspace("dcol", xp, g.col_shape(m), dout.dtype)
+                xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g), out=dcol)
+                dpadded = self._workspace("dpadded", xp, g.padded_shape(m), dout.dtype)
+                scatter_cols(dcol, g, dpadded)
+                xp.copyto(dx[start:stop], crop_padding(dpadded, g))
+
+        parallel_map(col2im_part, batch_slices(xp, dout.shape[0]))
         return dx

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from xpnet.backend.threads import batch_slices, parallel_map
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
+
+# A GEMM smaller than this many multiply-adds runs on one thread: waking a
+# worker thread costs more than the split saves (the MLP's 100x784x100).
+SPLIT_MACS = 1 << 24
 
 
 class Affine(Layer):
@@ -28,20 +35,42 @@ class Affine(Layer):
         expect(x2d.shape[1] == W.shape[0], self.name, "input features (product of x.shape[1:])",
                W.shape[0], x2d.shape[1])
         self.x_shape, self.x2d = x.shape, x2d
-        out = xp.matmul(x2d, W)
-        out += b
+        out = xp.empty((x2d.shape[0], W.shape[1]), dtype=x.dtype)
+
+        def forward_part(part: slice) -> None:
+            xp.matmul(x2d[part], W, out=out[part])
+            out[part] += b
+
+        parallel_map(forward_part, self._slices(xp))
         return out
+
+    def _slices(self, xp: Any) -> list[slice]:
+        n, d = self.x2d.shape
+        macs = n * d * self.params["W"].shape[1]
+        return batch_slices(xp, n) if macs >= SPLIT_MACS else [slice(0, n)]
 
     def backward(self, dout: Array) -> Array | None:
         self._need_forward("x2d")
         W = self.params["W"]
-        self._xp(dout=dout)
-        expect(dout.shape == (self.x2d.shape[0], W.shape[1]), self.name, "dout.shape",
-               (self.x2d.shape[0], W.shape[1]), tuple(dout.shape))
-        self.grads = {"W": self.x2d.T @ dout, "b": dout.sum(axis=0)}
-        if not self.need_input_grad:
-            return None
-        return (dout @ W.T).reshape(self.x_shape)
+        xp = self._xp(dout=dout)
+        x2d = self.x2d
+        expect(dout.shape == (x2d.shape[0], W.shape[1]), self.name, "dout.shape",
+               (x2d.shape[0], W.shape[1]), tuple(dout.shape))
+        dx = xp.empty(x2d.shape, dtype=dout.dtype) if self.need_input_grad else None
+
+        def backward_part(part: slice) -> tuple[Array, Array]:
+            if dx is not None:
+                xp.matmul(dout[part], W.T, out=dx[part])
+            return x2d[part].T @ dout[part], dout[part].sum(axis=0)
+
+        # Per-thread partial sums, added in slice order: the same result every run.
+        parts = parallel_map(backward_part, self._slices(xp))
+        dW, db = parts[0]
+        for dW_part, db_part in parts[1:]:
+            dW += dW_part
+            db += db_part
+        self.grads = {"W": dW, "b": db}
+        return None if dx is None else dx.reshape(self.x_shape)
 
 
 class Flatten(Layer):

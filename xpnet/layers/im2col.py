@@ -19,6 +19,10 @@ copies are strided.
 Both directions loop over the KH*KW kernel offsets only, never over images or
 pixels; col2im accumulates with strided ``+=`` (for a fixed offset the targets
 are distinct, so no ``add.at`` is needed).
+
+Copies use ``xp.copyto`` rather than slice assignment: NumPy releases the GIL
+in ``copyto`` but holds it through ``a[...] = b``, and the batch-parallel CPU
+loops (:mod:`xpnet.backend.threads`) run these copies on several threads.
 """
 
 from __future__ import annotations
@@ -98,12 +102,13 @@ def geometry(x_shape: tuple[int, ...], kh: int, kw: int, stride: int = 1, pad: i
 
 def pad_into(x: Array, g: PatchGeometry, out: Array, value: float = 0.0) -> Array:
     """Copy ``x`` (n, C, H, W) into ``out`` (n, C, rows, Wp), bordered with ``value``."""
+    copyto = get_array_module(out).copyto
     p = g.pad
-    out[:, :, :p] = value
-    out[:, :, p + g.h :] = value
-    out[:, :, p : p + g.h, :p] = value
-    out[:, :, p : p + g.h, p + g.w :] = value
-    out[:, :, p : p + g.h, p : p + g.w] = x
+    copyto(out[:, :, :p], value)
+    copyto(out[:, :, p + g.h :], value)
+    copyto(out[:, :, p : p + g.h, :p], value)
+    copyto(out[:, :, p : p + g.h, p + g.w :], value)
+    copyto(out[:, :, p : p + g.h, p : p + g.w], x)
     return out
 
 
@@ -132,14 +137,16 @@ def _offset_views(g: PatchGeometry, padded: Array, col: Array):
 
 def fill_cols(padded: Array, g: PatchGeometry, col: Array) -> Array:
     """im2col proper: ``col`` (C*KH*KW, n*OH*pitch) from a padded (n, C, rows, Wp) buffer."""
+    copyto = get_array_module(col).copyto
     for src, dst in _offset_views(g, padded, col):
-        dst[...] = src
+        copyto(dst, src)
     return col
 
 
 def scatter_cols(col: Array, g: PatchGeometry, padded: Array) -> Array:
     """col2im proper: the adjoint of :func:`fill_cols`, summed into ``padded`` (zeroed here)."""
-    padded[...] = 0
+    copyto = get_array_module(padded).copyto
+    copyto(padded, 0)
     # Without overlap (stride >= kernel) each padded pixel is hit at most once,
     # so a plain store replaces the read-modify-write.
     overlap = g.stride < g.kh or g.stride < g.kw
@@ -147,7 +154,7 @@ def scatter_cols(col: Array, g: PatchGeometry, padded: Array) -> Array:
         if overlap:
             dst += src
         else:
-            dst[...] = src
+            copyto(dst, src)
     return padded
 
 

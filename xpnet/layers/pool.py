@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.backend.threads import batch_slices, parallel_map
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 from xpnet.layers.im2col import crop_padding, geometry, pad_into, window_view
+
+# Fewer images than this per thread are not worth waking a worker thread for.
+IMAGES_PER_THREAD = 8
 
 
 class _Pool2d(Layer):
@@ -48,21 +52,32 @@ class _Pool2d(Layer):
             for j in range(g.kw):
                 yield i * g.kw + j, i, j, window_view(xpad, i, j, g.oh, g.ow, g.stride)
 
-    def _scatter(self, xp: Any, g, n: int, dtype, parts) -> Array:
-        """Sum per-offset gradients (i, j, (N, C, OH, OW)) into dx (N, C, H, W)."""
+    def _scatter(self, xp: Any, g, dx: Array, parts) -> Array:
+        """Sum per-offset gradients (i, j, (n, C, OH, OW)) into dx (n, C, H, W)."""
         tiles = g.stride == g.kh == g.kw and g.pad == 0 and g.oh * g.kh == g.h \
             and g.ow * g.kw == g.w
         # Windows that tile the input exactly are each written once: no zero fill,
         # no read-modify-write.
-        dpad = (xp.empty if tiles else xp.zeros)(g.padded_shape(n), dtype=dtype)
+        if g.pad:
+            dpad = xp.zeros(g.padded_shape(dx.shape[0]), dtype=dx.dtype)
+        else:
+            dpad = dx
+            if not tiles:
+                xp.copyto(dx, 0)
         overlap = g.stride < g.kh or g.stride < g.kw
         for i, j, part in parts:
             target = window_view(dpad, i, j, g.oh, g.ow, g.stride)
             if overlap:
                 target += part
             else:
-                target[...] = part
-        return dpad if g.pad == 0 else xp.ascontiguousarray(crop_padding(dpad, g))
+                xp.copyto(target, part)
+        if g.pad:
+            xp.copyto(dx, crop_padding(dpad, g))
+        return dx
+
+    def _batch_parallel(self, xp: Any, n: int, fn) -> None:
+        """Run ``fn(part)`` over the batch, one slice per thread."""
+        parallel_map(fn, batch_slices(xp, n, IMAGES_PER_THREAD))
 
     def _check_dout(self, dout: Array) -> None:
         g = self._g
@@ -83,15 +98,22 @@ class Pooling(_Pool2d):
     def forward(self, x: Array, train: bool = True) -> Array:
         xp = self._xp(x=x)
         g = self._geometry(x)
-        out = argmax = None
-        for k, _, _, v in self._windows(xp, x, g):
-            if out is None:
-                out = v.copy()
-                argmax = xp.zeros(out.shape, dtype=xp.uint8)
-            else:
-                better = v > out  # strict: ties keep the first maximum
-                xp.copyto(argmax, k, where=better)
-                xp.maximum(out, v, out=out)
+        n, c = x.shape[:2]
+        out = xp.empty((n, c, g.oh, g.ow), dtype=x.dtype)
+        argmax = xp.empty((n, c, g.oh, g.ow), dtype=xp.uint8)
+
+        def forward_part(part: slice) -> None:
+            o, a = out[part], argmax[part]
+            for k, _, _, v in self._windows(xp, x[part], g):
+                if k == 0:
+                    xp.copyto(o, v)
+                    xp.copyto(a, 0)
+                else:
+                    better = v > o  # strict: ties keep the first maximum
+                    xp.copyto(a, k, where=better)
+                    xp.maximum(o, v, out=o)
+
+        self._batch_parallel(xp, n, forward_part)
         self.x_shape, self._g, self._argmax = x.shape, g, argmax
         return out
 
@@ -101,9 +123,16 @@ class Pooling(_Pool2d):
         g, argmax = self._g, self._argmax
         xp = self._xp(dout=dout, argmax=argmax)
         zero = dout.dtype.type(0)
-        parts = ((i, j, xp.where(argmax == i * g.kw + j, dout, zero))
-                 for i in range(g.kh) for j in range(g.kw))
-        return self._scatter(xp, g, dout.shape[0], dout.dtype, parts)
+        dx = xp.empty(self.x_shape, dtype=dout.dtype)
+
+        def backward_part(part: slice) -> None:
+            d, a = dout[part], argmax[part]
+            parts = ((i, j, xp.where(a == i * g.kw + j, d, zero))
+                     for i in range(g.kh) for j in range(g.kw))
+            self._scatter(xp, g, dx[part], parts)
+
+        self._batch_parallel(xp, dout.shape[0], backward_part)
+        return dx
 
 
 class AvgPooling(_Pool2d):
@@ -115,10 +144,20 @@ class AvgPooling(_Pool2d):
     def forward(self, x: Array, train: bool = True) -> Array:
         xp = self._xp(x=x)
         g = self._geometry(x)
-        out = None
-        for _, _, _, v in self._windows(xp, x, g):
-            out = v.copy() if out is None else xp.add(out, v, out=out)
-        out *= out.dtype.type(1.0 / (g.kh * g.kw))
+        n, c = x.shape[:2]
+        out = xp.empty((n, c, g.oh, g.ow), dtype=x.dtype)
+        scale = x.dtype.type(1.0 / (g.kh * g.kw))
+
+        def forward_part(part: slice) -> None:
+            o = out[part]
+            for k, _, _, v in self._windows(xp, x[part], g):
+                if k == 0:
+                    xp.copyto(o, v)
+                else:
+                    xp.add(o, v, out=o)
+            o *= scale
+
+        self._batch_parallel(xp, n, forward_part)
         self.x_shape, self._g = x.shape, g
         return out
 
@@ -127,6 +166,13 @@ class AvgPooling(_Pool2d):
         self._check_dout(dout)
         g = self._g
         xp = self._xp(dout=dout)
-        share = dout * dout.dtype.type(1.0 / (g.kh * g.kw))
-        parts = ((i, j, share) for i in range(g.kh) for j in range(g.kw))
-        return self._scatter(xp, g, dout.shape[0], dout.dtype, parts)
+        scale = dout.dtype.type(1.0 / (g.kh * g.kw))
+        dx = xp.empty(self.x_shape, dtype=dout.dtype)
+
+        def backward_part(part: slice) -> None:
+            share = dout[part] * scale
+            parts = ((i, j, share) for i in range(g.kh) for j in range(g.kw))
+            self._scatter(xp, g, dx[part], parts)
+
+        self._batch_parallel(xp, dout.shape[0], backward_part)
+        return dx
