@@ -550,7 +550,9 @@ def markdown(res: dict) -> str:
     load = "-".join(str(v[0]) for v in (i["loadavg"], i.get("loadavg_end")) if v)
     lines = [title, "",
              f"- machine: {i['cpu']}, {i['cpus_usable']} usable cores"
-             + (f"; {i['gpu']}" if i["gpu"] else f"; threads: {i['threads']}"),
+             + (f"; {i['gpu']}" if i["gpu"] else
+                f"; threads: {i['threads']} (xpnet's own: {i.get('xpnet_threads', '?')}, "
+                f"PyTorch: {i.get('torch_threads', '-')})"),
              f"- software: Python {i['python']}, {versions}, BLAS {i['blas']}",
              f"- date: {i['date']}; load average {load} (start-end)",
              f"- command: `{i['command']}`",

@@ -20,9 +20,8 @@ Both directions loop over the KH*KW kernel offsets only, never over images or
 pixels; col2im accumulates with strided ``+=`` (for a fixed offset the targets
 are distinct, so no ``add.at`` is needed).
 
-Copies use ``xp.copyto`` rather than slice assignment: NumPy releases the GIL
-in ``copyto`` but holds it through ``a[...] = b``, and the batch-parallel CPU
-loops (:mod:`xpnet.backend.threads`) run these copies on several threads.
+The batch-parallel CPU loops (:mod:`xpnet.backend.threads`) run these copies on
+several threads at once; NumPy releases the GIL inside each large copy.
 """
 
 from __future__ import annotations
