@@ -345,3 +345,27 @@ def test_inputs_not_mutated_and_backward_repeatable(xp, rng):
         np.testing.assert_array_equal(dx1, dx2, err_msg=layer.name)
         for k, v in layer.grads.items():
             np.testing.assert_array_equal(to_numpy(v), g1[k], err_msg=f"{layer.name}.{k}")
+
+
+@pytest.mark.parametrize("x_shape, ph, pw, stride, pad", POOL_CASES)
+def test_max_pooling_backward_after_inference_forward(xp, rng, x_shape, ph, pw, stride, pad):
+    """Inference skips the argmax; a backward after it finds the same winners."""
+    x = xp.asarray(rng.standard_normal(x_shape))
+    trained = Pooling(ph, pw, stride, pad)
+    y_train = trained.forward(x, train=True)
+    dout = xp.asarray(rng.standard_normal(y_train.shape))
+    dx_train = trained.backward(dout)
+    evaluated = Pooling(ph, pw, stride, pad)
+    y_eval = evaluated.forward(x, train=False)
+    np.testing.assert_array_equal(to_numpy(y_eval), to_numpy(y_train))
+    np.testing.assert_array_equal(to_numpy(evaluated.backward(dout)), to_numpy(dx_train))
+
+
+def test_relu_backward_after_inference_forward(xp, rng):
+    x = xp.asarray(rng.standard_normal((4, 5)))
+    dout = xp.asarray(rng.standard_normal((4, 5)))
+    layer = ReLU()
+    y = layer.forward(x, train=False)
+    expected = np.where(to_numpy(x) > 0, to_numpy(dout), 0.0)
+    np.testing.assert_array_equal(to_numpy(layer.backward(dout)), expected)
+    np.testing.assert_array_equal(to_numpy(y), np.maximum(to_numpy(x), 0.0))

@@ -6,18 +6,22 @@ from xpnet.layers.base import Array, Layer, expect_float_input
 
 
 class ReLU(Layer):
-    """y = max(x, 0).  Unlike the book, neither x nor dout is modified in place."""
+    """y = max(x, 0).  Unlike the book, neither x nor dout is modified in place.
+
+    Keeps its output rather than the book's boolean mask: forward is one pass
+    over x (all that inference pays), and backward reads the mask off y > 0.
+    """
 
     def forward(self, x: Array, train: bool = True) -> Array:
         expect_float_input(self.name, x)
         xp = self._xp(x=x)
-        self.mask = x > 0
-        return xp.multiply(x, self.mask, dtype=x.dtype)
+        self.out = xp.maximum(x, x.dtype.type(0))
+        return self.out
 
     def backward(self, dout: Array) -> Array:
-        self._need_forward("mask")
-        xp = self._xp(dout=dout, mask=self.mask)
-        return xp.multiply(dout, self.mask, dtype=dout.dtype)
+        self._need_forward("out")
+        xp = self._xp(dout=dout, out=self.out)
+        return xp.multiply(dout, self.out > 0, dtype=dout.dtype)
 
 
 class Sigmoid(Layer):

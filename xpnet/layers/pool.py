@@ -100,28 +100,41 @@ class Pooling(_Pool2d):
         g = self._geometry(x)
         n, c = x.shape[:2]
         out = xp.empty((n, c, g.oh, g.ow), dtype=x.dtype)
-        argmax = xp.empty((n, c, g.oh, g.ow), dtype=xp.uint8)
-
-        def forward_part(part: slice) -> None:
-            o, a = out[part], argmax[part]
-            for k, _, _, v in self._windows(xp, x[part], g):
-                if k == 0:
-                    xp.copyto(o, v)
-                    xp.copyto(a, 0)
-                else:
-                    better = v > o  # strict: ties keep the first maximum
-                    xp.copyto(a, k, where=better)
-                    xp.maximum(o, v, out=o)
-
-        self._batch_parallel(xp, n, forward_part)
-        self.x_shape, self._g, self._argmax = x.shape, g, argmax
+        # Only training needs the winners' positions; inference takes the maxima alone
+        # (a backward after it finds them then, from the input).
+        argmax = xp.empty((n, c, g.oh, g.ow), dtype=xp.uint8) if train else None
+        self._batch_parallel(xp, n, lambda part: self._max_into(xp, x, g, out, argmax, part))
+        self.x, self.x_shape, self._g, self._argmax = x, x.shape, g, argmax
         return out
+
+    def _max_into(self, xp: Any, x: Array, g, out: Array, argmax: Array | None,
+                  part: slice) -> None:
+        """out[part] = window maxima of x[part]; argmax[part] = first winner's offset."""
+        o = out[part]
+        a = None if argmax is None else argmax[part]
+        for k, _, _, v in self._windows(xp, x[part], g):
+            if k == 0:
+                xp.copyto(o, v)
+                if a is not None:
+                    xp.copyto(a, 0)
+            elif a is None:
+                xp.maximum(o, v, out=o)
+            else:
+                better = v > o  # strict: ties keep the first maximum
+                xp.copyto(a, k, where=better)
+                xp.maximum(o, v, out=o)
 
     def backward(self, dout: Array) -> Array:
         self._need_forward("x_shape")
         self._check_dout(dout)
-        g, argmax = self._g, self._argmax
-        xp = self._xp(dout=dout, argmax=argmax)
+        g, x = self._g, self.x
+        xp = self._xp(dout=dout, x=x)
+        if self._argmax is None:  # forward ran in inference mode: find the winners now
+            self._argmax = xp.empty(dout.shape, dtype=xp.uint8)
+            maxima = xp.empty(dout.shape, dtype=x.dtype)
+            self._batch_parallel(
+                xp, x.shape[0], lambda part: self._max_into(xp, x, g, maxima, self._argmax, part))
+        argmax = self._argmax
         zero = dout.dtype.type(0)
         dx = xp.empty(self.x_shape, dtype=dout.dtype)
 
