@@ -42,7 +42,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # sibling script (benchmarks/ is sys.path[0]); it imports no numpy at module level
-    from bench_models import limit_threads, settle
+    from bench_models import import_torch, limit_threads, settle
 
     limit_threads(args.threads)  # before numpy loads its BLAS
     import numpy as np
@@ -51,16 +51,14 @@ def main(argv=None) -> int:
     from xpnet.layers import Convolution
     from xpnet.layers.im2col import col2im, im2col
 
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch  # noqa: PLC0415 - optional, comparison only
-
-            torch.set_num_threads(args.threads)
-        except ImportError:
-            torch = None
     xp = get_backend()
     gpu = get_backend_name() == "cupy"
+    # The same PyTorch set-up as bench_models: on the GPU, cuDNN with TF32 off (float32).
+    torch, torch_note = import_torch(not args.no_torch, gpu)
+    if torch is None and torch_note:
+        print(f"# no PyTorch comparison: {torch_note}")
+    elif torch is not None:
+        torch.set_num_threads(args.threads)
 
     def sync():
         if gpu:

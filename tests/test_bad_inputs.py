@@ -47,6 +47,8 @@ CASES = [
      TypeError, ["Convolution", "dtype", "int32"]),
     ("conv negative pad", lambda xp: conv(xp, pad=-1),
      ValueError, ["Convolution", "pad", "received -1"]),
+    ("conv fractional stride", lambda xp: conv(xp, stride=1.5),
+     ValueError, ["Convolution", "stride", "an integer >= 1", "received 1.5"]),
     ("conv bias shape", lambda xp: Convolution(f32(xp, 4, 3, 3, 3), f32(xp, 3)),
      ValueError, ["Convolution", "b.shape", "(4,)", "(3,)"]),
     ("conv wrong dout shape", lambda xp: (lambda c: (c.forward(f32(xp, 1, 3, 5, 5)),

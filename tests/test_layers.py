@@ -85,6 +85,7 @@ POOL_CASES = [
     ((2, 2, 7, 7), 3, 3, 1, 1),  # overlapping windows
     ((2, 2, 6, 5), 2, 1, 2, 0),  # non-square window
     ((2, 1, 4, 4), 4, 4, 1, 2),  # pad 2
+    ((1, 1, 18, 17), 17, 17, 1, 0),  # 289 cells: window offsets beyond uint8
 ]
 
 

@@ -93,23 +93,48 @@ def test_parallel_map_runs_every_slice_on_threads_and_keeps_order(restore_thread
         seen.append(threading.get_ident())
         return s.start
 
-    result = threads.parallel_map(work, [slice(0, 1), slice(1, 2)])
+    result = threads.parallel_map(np, work, [slice(0, 1), slice(1, 2)])
     assert result == [0, 1]
     assert len(set(seen)) == 2  # the caller and one worker
 
 
-def test_parallel_map_raises_after_all_slices_finish(restore_threads):
+@pytest.mark.parametrize("failing", [{0}, {1}, {0, 1}])
+def test_parallel_map_raises_the_first_failure_after_all_slices_finish(restore_threads,
+                                                                         failing):
     threads.set_num_threads(2)
     finished = []
 
     def work(s):
-        if s.start == 0:
-            raise ValueError("slice 0 failed")
+        if s.start in failing:
+            raise ValueError(f"slice {s.start} failed")
         finished.append(s.start)
 
-    with pytest.raises(ValueError, match="slice 0 failed"):
-        threads.parallel_map(work, [slice(0, 1), slice(1, 2)])
-    assert finished == [1]
+    with pytest.raises(ValueError, match=f"slice {min(failing)} failed"):
+        threads.parallel_map(np, work, [slice(0, 1), slice(1, 2)])
+    assert sorted(finished) == sorted({0, 1} - failing)
+
+
+def test_parallel_map_from_several_user_threads(restore_threads):
+    """User threads with different slice counts share (and grow) the worker pool."""
+    threads.set_num_threads(4)
+    errors, results = [], []
+
+    def user(parts):
+        try:
+            for _ in range(20):
+                slices = [slice(k, k + 1) for k in range(parts)]
+                results.append(threads.parallel_map(np, lambda s: s.start, slices)
+                               == list(range(parts)))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    users = [threading.Thread(target=user, args=(parts,)) for parts in (2, 4, 3, 2)]
+    for u in users:
+        u.start()
+    for u in users:
+        u.join()
+    assert errors == []
+    assert results == [True] * 80
 
 
 def test_blas_single_threaded_inside_and_restored_after(restore_threads):
@@ -123,7 +148,7 @@ def test_blas_single_threaded_inside_and_restored_after(restore_threads):
         pytest.skip("no BLAS library that threadpoolctl can control")
     threads.set_num_threads(2)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
-        inside = threads.parallel_map(lambda s: blas_threads(), [slice(0, 1), slice(1, 2)])
+        inside = threads.parallel_map(np, lambda s: blas_threads(), [slice(0, 1), slice(1, 2)])
         assert inside[0] == [1] * len(inside[0])
         assert blas_threads() == [2] * len(inside[0])
 

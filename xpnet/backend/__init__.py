@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from types import ModuleType
@@ -194,8 +195,14 @@ xp: Any = _ArrayModuleProxy()
 
 
 # ---------------------------------------------------------------- arrays
+def _loaded_cupy() -> ModuleType | None:
+    """CuPy if anyone has imported it (xpnet, or the caller who made CuPy arrays)."""
+    return _cupy if _cupy is not None else sys.modules.get("cupy")
+
+
 def _is_cupy_array(a: Any) -> bool:
-    return _cupy is not None and isinstance(a, _cupy.ndarray)
+    cupy = _loaded_cupy()
+    return cupy is not None and isinstance(a, cupy.ndarray)
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -203,13 +210,14 @@ def get_array_module(*arrays: Any) -> ModuleType:
 
     Raises BackendMismatchError when both kinds are given.
     """
-    if _cupy is None:  # CuPy never loaded: everything is NumPy (the CPU hot path)
+    cupy = _loaded_cupy()
+    if cupy is None:  # CuPy never imported: everything is NumPy (the CPU hot path)
         return numpy
     module: ModuleType | None = None
     for a in arrays:
         if a is None:
             continue
-        m = _cupy if _is_cupy_array(a) else numpy
+        m = cupy if isinstance(a, cupy.ndarray) else numpy
         if module is not None and m is not module:
             raise BackendMismatchError(
                 "NumPy and CuPy arrays were mixed in one call; move them to one "
@@ -224,7 +232,8 @@ def check_same_backend(where: str, **arrays: Any) -> ModuleType:
 
     ``arrays`` maps a role ('x', 'W', 't' ...) to an array; returns the module.
     """
-    if _cupy is None:  # CuPy never loaded: everything is NumPy (the CPU hot path)
+    cupy = _loaded_cupy()
+    if cupy is None:  # CuPy never imported: everything is NumPy (the CPU hot path)
         return numpy
     kinds = {
         role: ("cupy" if _is_cupy_array(a) else "numpy")
@@ -238,7 +247,7 @@ def check_same_backend(where: str, **arrays: Any) -> ModuleType:
             "device - move the model or the data (to_gpu / to_cpu)"
         )
     if "cupy" in kinds.values():
-        return _cupy  # type: ignore[return-value]
+        return cupy
     return numpy
 
 

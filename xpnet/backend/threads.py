@@ -67,14 +67,10 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads (>= 1) in xpnet's batch-parallel CPU loops; 1 runs them serially."""
-    global _num_threads, _pool
+    global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: expected an integer >= 1, received {n!r}")
-    with _lock:
-        _num_threads = n
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-            _pool = None
+    _num_threads = n
 
 
 def batch_slices(xp: Any, n: int, min_per_thread: int = 1) -> list[slice]:
@@ -92,28 +88,33 @@ def batch_slices(xp: Any, n: int, min_per_thread: int = 1) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def parallel_map(fn: Callable[[slice], T], slices: Sequence[slice]) -> list[T]:
+def parallel_map(xp: Any, fn: Callable[[slice], T], slices: Sequence[slice]) -> list[T]:
     """``[fn(s) for s in slices]``, one slice per thread; the first runs on the caller.
 
-    Exceptions from any slice are raised here, after every slice has finished.
-    Whenever xpnet runs more than one thread, BLAS is held at one thread inside,
-    even for a single slice: a multi-threaded GEMM leaves its BLAS workers
-    spinning for a while afterwards, and they would steal the cores from the
-    next parallel region.
+    ``xp`` is the module of the arrays ``fn`` works on: GPU work just runs.  On the
+    CPU, whenever xpnet runs more than one thread, BLAS is held at one thread
+    inside, even for a single slice: a multi-threaded GEMM leaves its BLAS workers
+    spinning for a while afterwards, and they would steal the cores from the next
+    parallel region.  Every slice runs to its end; then the exception of the first
+    slice (in slice order) that failed, if any, is raised.
     """
-    if getattr(_inside, "active", False) or get_num_threads() == 1:
+    if xp.__name__ != "numpy" or getattr(_inside, "active", False) or get_num_threads() == 1:
         return [fn(s) for s in slices]
-    if len(slices) == 1:
-        with _single_threaded_blas():
-            return [fn(slices[0])]
-    pool = _get_pool(len(slices) - 1)
     with _single_threaded_blas():
-        futures = [pool.submit(_run_inside, fn, s) for s in slices[1:]]
+        if len(slices) == 1:
+            return [fn(slices[0])]
+        futures = [_get_pool(len(slices) - 1).submit(_run_inside, fn, s) for s in slices[1:]]
         try:
-            first = _run_inside(fn, slices[0])
-        finally:
-            rest = [f.result() for f in _wait_all(futures)]
-    return [first, *rest]
+            outcomes = [(True, _run_inside(fn, slices[0]))]
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in slice order
+            outcomes = [(False, exc)]
+        for f in futures:  # wait for every slice before anything is raised
+            exc = f.exception()
+            outcomes.append((False, exc) if exc is not None else (True, f.result()))
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return [value for _, value in outcomes]
 
 
 def _run_inside(fn: Callable[[slice], T], s: slice) -> T:
@@ -124,19 +125,13 @@ def _run_inside(fn: Callable[[slice], T], s: slice) -> T:
         _inside.active = False
 
 
-def _wait_all(futures: list) -> list:
-    """Wait for every future before any result (and its exception) is looked at."""
-    for f in futures:
-        f.exception()
-    return futures
-
-
 def _get_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads.  A smaller one is replaced, not shut
+    down: a caller on another thread may still be submitting to it, and its idle
+    threads exit once it is no longer referenced."""
     global _pool
     with _lock:
         if _pool is None or _pool._max_workers < workers:  # noqa: SLF001
-            if _pool is not None:
-                _pool.shutdown(wait=True)
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xpnet")
         return _pool
 
@@ -153,27 +148,44 @@ def _blas_controllers() -> list[Any]:
     return _blas
 
 
+_blas_users = 0  # threads inside _single_threaded_blas now
+_blas_saved: list[tuple[Any, int]] = []
+
+
 @contextlib.contextmanager
 def _single_threaded_blas() -> Iterator[None]:
-    """Hold every loaded BLAS at one thread, restoring the previous counts after."""
-    saved = []
-    for lib in _blas_controllers():
-        count = lib.get_num_threads()
-        if count != 1:
-            lib.set_num_threads(1)
-            saved.append((lib, count))
+    """Hold every loaded BLAS at one thread while any caller is inside; the last one
+    out restores the counts the first one in found."""
+    global _blas_users, _blas_saved
+    with _lock:
+        if _blas_users == 0:
+            _blas_saved = []
+            for lib in _blas_controllers():
+                count = lib.get_num_threads()
+                if count != 1:
+                    lib.set_num_threads(1)
+                    _blas_saved.append((lib, count))
+        _blas_users += 1
     try:
         yield
     finally:
-        for lib, count in saved:
-            lib.set_num_threads(count)
+        with _lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                for lib, count in _blas_saved:
+                    lib.set_num_threads(count)
+                _blas_saved = []
 
 
 def _forget_after_fork() -> None:
-    # A forked child has none of the parent's worker threads.
-    global _pool, _lock
+    # A forked child has none of the parent's worker threads, and no thread of its
+    # own inside a region: give BLAS back the counts a region in flight had saved.
+    global _pool, _lock, _blas_users, _blas_saved
     _pool = None
     _lock = threading.Lock()
+    for lib, count in _blas_saved:
+        lib.set_num_threads(count)
+    _blas_users, _blas_saved = 0, []
 
 
 if hasattr(os, "register_at_fork"):

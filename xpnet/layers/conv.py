@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.backend.kernels import cuda_kernels_enabled
 from xpnet.backend.threads import batch_slices, parallel_map
+from xpnet.layers import cuda_kernels
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 from xpnet.layers.im2col import crop_padding, fill_cols, geometry, pad_into, scatter_cols
 
@@ -19,6 +21,11 @@ def chunk_size(xp: Any, n: int, bytes_per_image: int) -> int:
     """How many images to process at once."""
     budget = CPU_CHUNK_BYTES if xp.__name__ == "numpy" else GPU_CHUNK_BYTES
     return max(1, min(n, budget // max(1, bytes_per_image)))
+
+
+def _contiguous_rows(xp: Any) -> bool | None:
+    """Whole-row patch copies (the CPU's layout), unless the CuPy im2col kernel runs."""
+    return False if cuda_kernels_enabled(xp) else None
 
 
 class Convolution(Layer):
@@ -36,13 +43,13 @@ class Convolution(Layer):
         super().__init__()
         expect(W.ndim == 4, self.name, "W.ndim", 4, W.ndim)
         expect(b.shape == (W.shape[0],), self.name, "b.shape", (W.shape[0],), tuple(b.shape))
-        expect(int(stride) >= 1, self.name, "stride", ">= 1", stride)
-        expect(int(pad) >= 0, self.name, "pad", ">= 0", pad)
+        for what, v, low in (("stride", stride, 1), ("pad", pad, 0)):
+            expect(int(v) == v and v >= low, self.name, what, f"an integer >= {low}", v)
         self.params = {"W": W, "b": b}
         self.stride, self.pad = int(stride), int(pad)
         self.x: Array | None = None
 
-    def _geometry(self, x: Array):
+    def _geometry(self, xp: Any, x: Array):
         fn, c, kh, kw = self.params["W"].shape
         name = self.name
         expect(x.ndim == 4, name, "input ndim (N, C, H, W)", 4, x.ndim)
@@ -54,7 +61,7 @@ class Convolution(Layer):
             expect((size - k) % self.stride == 0, name,
                    f"(padded {axis} - kernel) divisible by stride {self.stride}",
                    "a whole output size", f"{size} - {k} = {size - k}")
-        return geometry(x.shape, kh, kw, self.stride, self.pad)
+        return geometry(x.shape, kh, kw, self.stride, self.pad, _contiguous_rows(xp))
 
     def _chunks(self, tag: str, xp: Any, x: Array, g, part: slice):
         """Yield (start, stop, col) over x[part], col = im2col of x[start:stop]."""
@@ -62,8 +69,12 @@ class Convolution(Layer):
         for start in range(part.start, part.stop, step):
             stop = min(part.stop, start + step)
             m = stop - start
-            padded = self._workspace(tag + "padded", xp, g.padded_shape(m), x.dtype)
             col = self._workspace(tag + "col", xp, g.col_shape(m), x.dtype)
+            if not g.contiguous_rows and cuda_kernels_enabled(xp):
+                yield start, stop, cuda_kernels.im2col_into(
+                    xp.ascontiguousarray(x[start:stop]), g, col)
+                continue
+            padded = self._workspace(tag + "padded", xp, g.padded_shape(m), x.dtype)
             pad_into(x[start:stop], g, padded)
             yield start, stop, fill_cols(padded, g, col)
 
@@ -90,14 +101,14 @@ class Convolution(Layer):
                 y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
                 xp.add(y, bias, out=out[start:stop])
 
-        parallel_map(correlate_part, batch_slices(xp, x.shape[0]))
+        parallel_map(xp, correlate_part, batch_slices(xp, x.shape[0]))
         return out
 
     def forward(self, x: Array, train: bool = True) -> Array:
         W, b = self.params["W"], self.params["b"]
         xp = self._xp(x=x)
         expect_float_input(self.name, x, W.dtype)
-        g = self._geometry(x)
+        g = self._geometry(xp, x)
         fn = W.shape[0]
         out = xp.empty((x.shape[0], fn, g.oh, g.ow), dtype=x.dtype)
         self._correlate("f", xp, x, g, W.reshape(fn, -1), out, b.reshape(1, fn, 1, 1))
@@ -114,13 +125,17 @@ class Convolution(Layer):
                (x.shape[0], fn, g.oh, g.ow), tuple(dout.shape))
 
         def weight_gradient_part(part: slice) -> tuple[Array, Array]:
-            dW = xp.zeros((fn, g.ckk), dtype=W.dtype)
+            dW = None
             for start, stop, col in self._chunks("f", xp, x, g, part):
-                dW += self._dout_cols(xp, dout, start, stop, g) @ col.T
+                product = self._dout_cols(xp, dout, start, stop, g) @ col.T
+                if dW is None:
+                    dW = product
+                else:
+                    dW += product
             return dW, dout[part].sum(axis=(0, 2, 3))
 
         # Per-thread partial sums, added in slice order: the same result every run.
-        parts = parallel_map(weight_gradient_part, batch_slices(xp, x.shape[0]))
+        parts = parallel_map(xp, weight_gradient_part, batch_slices(xp, x.shape[0]))
         dW, db = parts[0]
         for dW_part, db_part in parts[1:]:
             dW += dW_part
@@ -139,7 +154,7 @@ class Convolution(Layer):
             # by K-1-pad, kernels flipped, in/out channels swapped.  One more
             # im2col + GEMM beats GEMM + col2im's KH*KW read-modify-writes.
             Wt = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            gt = geometry(dout.shape, kh, kw, 1, kh - 1 - g.pad)
+            gt = geometry(dout.shape, kh, kw, 1, kh - 1 - g.pad, _contiguous_rows(xp))
             return self._correlate("b", xp, dout, gt, Wt.reshape(c, -1), dx)
         # General case: dcol = W^T dout, then col2im.
         W2T = W.reshape(fn, -1).T
@@ -156,5 +171,5 @@ class Convolution(Layer):
                 scatter_cols(dcol, g, dpadded)
                 xp.copyto(dx[start:stop], crop_padding(dpadded, g))
 
-        parallel_map(col2im_part, batch_slices(xp, dout.shape[0]))
+        parallel_map(xp, col2im_part, batch_slices(xp, dout.shape[0]))
         return dx

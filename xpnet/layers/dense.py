@@ -41,7 +41,7 @@ class Affine(Layer):
             xp.matmul(x2d[part], W, out=out[part])
             out[part] += b
 
-        parallel_map(forward_part, self._slices(xp))
+        parallel_map(xp, forward_part, self._slices(xp))
         return out
 
     def _slices(self, xp: Any) -> list[slice]:
@@ -64,7 +64,7 @@ class Affine(Layer):
             return x2d[part].T @ dout[part], dout[part].sum(axis=0)
 
         # Per-thread partial sums, added in slice order: the same result every run.
-        parts = parallel_map(backward_part, self._slices(xp))
+        parts = parallel_map(xp, backward_part, self._slices(xp))
         dW, db = parts[0]
         for dW_part, db_part in parts[1:]:
             dW += dW_part

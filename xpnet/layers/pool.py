@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.backend.kernels import cuda_kernels_enabled
 from xpnet.backend.threads import batch_slices, parallel_map
+from xpnet.layers import cuda_kernels
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 from xpnet.layers.im2col import crop_padding, geometry, pad_into, window_view
 
@@ -77,13 +79,18 @@ class _Pool2d(Layer):
 
     def _batch_parallel(self, xp: Any, n: int, fn) -> None:
         """Run ``fn(part)`` over the batch, one slice per thread."""
-        parallel_map(fn, batch_slices(xp, n, IMAGES_PER_THREAD))
+        parallel_map(xp, fn, batch_slices(xp, n, IMAGES_PER_THREAD))
 
     def _check_dout(self, dout: Array) -> None:
         g = self._g
         expected = (self.x_shape[0], self.x_shape[1], g.oh, g.ow)
         expect(tuple(dout.shape) == expected, self.name, "dout.shape", expected,
                tuple(dout.shape))
+
+
+def _offset_dtype(xp: Any, g) -> Any:
+    """The dtype of a cell's offset in its window: uint8 unless the window has more cells."""
+    return xp.uint8 if g.kh * g.kw <= 256 else xp.int32
 
 
 class Pooling(_Pool2d):
@@ -100,10 +107,16 @@ class Pooling(_Pool2d):
         g = self._geometry(x)
         n, c = x.shape[:2]
         out = xp.empty((n, c, g.oh, g.ow), dtype=x.dtype)
-        # Only training needs the winners' positions; inference takes the maxima alone
-        # (a backward after it finds them then, from the input).
-        argmax = xp.empty((n, c, g.oh, g.ow), dtype=xp.uint8) if train else None
-        self._batch_parallel(xp, n, lambda part: self._max_into(xp, x, g, out, argmax, part))
+        argmax_dtype = _offset_dtype(xp, g)
+        if cuda_kernels_enabled(xp):  # one kernel; the offsets come for free
+            argmax = xp.empty(out.shape, dtype=argmax_dtype)
+            cuda_kernels.max_pool_into(xp.ascontiguousarray(x), g, out, argmax)
+        else:
+            # Only training needs the winners' positions; inference takes the maxima
+            # alone (a backward after it finds them then, from the input).
+            argmax = xp.empty(out.shape, dtype=argmax_dtype) if train else None
+            self._batch_parallel(
+                xp, n, lambda part: self._max_into(xp, x, g, out, argmax, part))
         self.x, self.x_shape, self._g, self._argmax = x, x.shape, g, argmax
         return out
 
@@ -130,13 +143,16 @@ class Pooling(_Pool2d):
         g, x = self._g, self.x
         xp = self._xp(dout=dout, x=x)
         if self._argmax is None:  # forward ran in inference mode: find the winners now
-            self._argmax = xp.empty(dout.shape, dtype=xp.uint8)
+            self._argmax = xp.empty(dout.shape, dtype=_offset_dtype(xp, g))
             maxima = xp.empty(dout.shape, dtype=x.dtype)
             self._batch_parallel(
                 xp, x.shape[0], lambda part: self._max_into(xp, x, g, maxima, self._argmax, part))
         argmax = self._argmax
-        zero = dout.dtype.type(0)
         dx = xp.empty(self.x_shape, dtype=dout.dtype)
+        if cuda_kernels_enabled(xp):
+            cuda_kernels.max_pool_backward_into(xp.ascontiguousarray(dout), argmax, g, dx)
+            return dx
+        zero = dout.dtype.type(0)
 
         def backward_part(part: slice) -> None:
             d, a = dout[part], argmax[part]

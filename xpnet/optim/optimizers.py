@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from xpnet.backend.kernels import cuda_kernels_enabled, elementwise_kernel
 from xpnet.optim.base import _NONNEG, _UNIT, Array, Optimizer
 
 __all__ = [
@@ -137,6 +138,22 @@ def _scaled_step(xp: ModuleType, p: Array, g: Array, h: Array, s: Array, lr: flo
     p -= s
 
 
+# Adam's update of one parameter as a single CuPy kernel (see xpnet.backend.kernels):
+# the generic path's operations in its order, compiled without FMA contraction so that
+# each is rounded as there; the tests require the two to agree bit for bit.
+_ADAM_KERNEL = (
+    "T g, T one_minus_beta1, T one_minus_beta2, T lr_t, T eps",
+    "T p, T m, T v",
+    """
+    m += (g - m) * one_minus_beta1;
+    v += (g * g - v) * one_minus_beta2;
+    p -= m / (sqrt(v) + eps) * lr_t;
+    """,
+    "xpnet_adam",
+    ("--fmad=false",),
+)
+
+
 class Adam(Optimizer):
     """Adam in the book's form, the bias correction folded into the step size.
 
@@ -164,6 +181,10 @@ class Adam(Optimizer):
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
         m, v = slots["m"], slots["v"]
+        if cuda_kernels_enabled(xp) and g.dtype == p.dtype:  # one kernel instead of twelve
+            elementwise_kernel(*_ADAM_KERNEL)(g, 1.0 - self.beta1, 1.0 - self.beta2,
+                                              self._lr_t, EPS, p, m, v)
+            return
         xp.subtract(g, m, out=s)
         s *= 1.0 - self.beta1
         m += s
