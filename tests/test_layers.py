@@ -370,3 +370,15 @@ def test_relu_backward_after_inference_forward(xp, rng):
     expected = np.where(to_numpy(x) > 0, to_numpy(dout), 0.0)
     np.testing.assert_array_equal(to_numpy(layer.backward(dout)), expected)
     np.testing.assert_array_equal(to_numpy(y), np.maximum(to_numpy(x), 0.0))
+
+
+def test_free_workspace_releases_the_scratch_buffers(xp, rng):
+    from xpnet.layers import base, free_workspace
+
+    layer = Convolution(xp.asarray(rng.standard_normal((2, 1, 3, 3))), xp.zeros(2), 1, 1)
+    x = xp.asarray(rng.standard_normal((2, 1, 5, 5)))
+    y = to_numpy(layer.forward(x))
+    assert base._scratch.__dict__.get("buffers")
+    free_workspace()
+    assert not base._scratch.__dict__.get("buffers")
+    np.testing.assert_array_equal(to_numpy(layer.forward(x)), y)  # allocated again

@@ -165,3 +165,33 @@ def test_bad_environment_variable_is_a_clear_error(monkeypatch):
         threads._default_num_threads()
     monkeypatch.setenv("XPNET_NUM_THREADS", "3")
     assert threads._default_num_threads() == 3
+
+
+@pytest.mark.parametrize("model", ["simple", "deep"])
+def test_network_gradient_with_two_threads_matches_one(xp, rng, restore_threads, monkeypatch,
+                                                       model):
+    """The whole backward pass of the book's conv nets, batch split over two threads."""
+    from xpnet.backend import seed
+    from xpnet.models import DeepConvNet, SimpleConvNet
+
+    monkeypatch.setattr(dense_module, "SPLIT_MACS", 1)
+    size = 16 if model == "simple" else 12  # DeepConvNet halves it three times
+    x = xp.asarray(rng.standard_normal((6, 1, size, size)))
+    t = xp.asarray(rng.integers(0, 10, 6))
+
+    def gradient(n_threads):
+        threads.set_num_threads(n_threads)
+        seed(0)
+        if model == "simple":
+            net = SimpleConvNet(input_dim=(1, size, size), hidden_size=8, weight_init_std=0.1,
+                                dtype="float64")
+        else:
+            net = DeepConvNet(input_dim=(1, size, size), hidden_size=8, dtype="float64")
+        grads = net.gradient(x, t)
+        return {k: to_numpy(v) for k, v in grads.items()}
+
+    serial, parallel = gradient(1), gradient(2)
+    assert serial.keys() == parallel.keys()
+    for key in serial:
+        np.testing.assert_allclose(parallel[key], serial[key], rtol=1e-10, atol=1e-12,
+                                   err_msg=key)

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["get_num_threads", "set_num_threads", "batch_slices", "parallel_map"]
+__all__ = ["get_num_threads", "set_num_threads", "batch_slices", "parallel_map",
+           "sum_in_order"]
 
 T = TypeVar("T")
 
@@ -115,6 +116,18 @@ def parallel_map(xp: Any, fn: Callable[[slice], T], slices: Sequence[slice]) -> 
         if not ok:
             raise value
     return [value for _, value in outcomes]
+
+
+def sum_in_order(parts: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """Add per-slice tuples of arrays element by element, in slice order, into the first.
+
+    The fixed order makes a sum of partial gradients the same on every run.
+    """
+    total = parts[0]
+    for part in parts[1:]:
+        for acc, value in zip(total, part, strict=True):
+            acc += value
+    return total
 
 
 def _run_inside(fn: Callable[[slice], T], s: slice) -> T:

@@ -4,7 +4,7 @@ Every layer follows the protocol in :mod:`xpnet.layers.base`.
 """
 
 from xpnet.layers.activation import ReLU, Sigmoid, Tanh
-from xpnet.layers.base import Layer
+from xpnet.layers.base import Layer, free_workspace
 from xpnet.layers.conv import Convolution
 from xpnet.layers.dense import Affine, Flatten
 from xpnet.layers.dropout import Dropout
@@ -14,6 +14,7 @@ from xpnet.layers.pool import AvgPooling, Pooling
 
 __all__ = [
     "Layer",
+    "free_workspace",
     "Affine",
     "Flatten",
     "ReLU",

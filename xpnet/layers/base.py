@@ -63,11 +63,14 @@ class Layer:
         A training loop then allocates once (no page faults, no allocator churn).
         The buffers are shared by all layers of a thread, since a scratch array
         lives only within one forward or backward call: a deep network needs the
-        largest layer's scratch, not the sum.  Contents are undefined.
+        largest layer's scratch, not the sum.  They outlive the layers (on the GPU,
+        the patch matrix of a large batch can take hundreds of MiB):
+        :func:`free_workspace` releases them.  Contents are undefined.
         """
         size = math.prod(shape)
         pool = _scratch.__dict__.setdefault("buffers", {})
-        key = (name, xp.__name__)
+        # One set per device: a buffer on GPU 0 must not serve arrays on GPU 1.
+        key = (name, xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
         buf = pool.get(key)
         if buf is None or buf.size < size or buf.dtype != dtype:
             buf = pool[key] = xp.empty(size, dtype=dtype)
@@ -80,6 +83,16 @@ class Layer:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
         return f"{self.name}({shapes})"
+
+
+def free_workspace() -> None:
+    """Release the calling thread's scratch buffers (see ``Layer._workspace``).
+
+    They are allocated again, once, by the next forward or backward.  On the GPU the
+    memory returns to CuPy's pool; ``cupy.get_default_memory_pool().free_all_blocks()``
+    hands it back to the device.
+    """
+    _scratch.__dict__.pop("buffers", None)
 
 
 def expect(condition: bool, layer: str, what: str, expected: Any, received: Any,

@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from xpnet.backend.kernels import cuda_kernels_enabled
-from xpnet.backend.threads import batch_slices, parallel_map
+from xpnet.backend.threads import batch_slices, parallel_map, sum_in_order
 from xpnet.layers import cuda_kernels
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
-from xpnet.layers.im2col import crop_padding, fill_cols, geometry, pad_into, scatter_cols
+from xpnet.layers.im2col import (
+    checked_geometry,
+    crop_padding,
+    fill_cols,
+    geometry,
+    pad_into,
+    scatter_cols,
+)
 
 # On the CPU the patch matrix of a whole batch (tens of MB) falls out of cache
 # between im2col and the GEMM; chunks of about this many bytes stay in cache.
@@ -21,6 +28,13 @@ def chunk_size(xp: Any, n: int, bytes_per_image: int) -> int:
     """How many images to process at once."""
     budget = CPU_CHUNK_BYTES if xp.__name__ == "numpy" else GPU_CHUNK_BYTES
     return max(1, min(n, budget // max(1, bytes_per_image)))
+
+
+def _chunk_ranges(xp: Any, part: slice, g, dtype: Any):
+    """(start, stop) of the chunks of ``part`` whose patch matrices fit the chunk budget."""
+    step = chunk_size(xp, part.stop - part.start, g.ckk * g.length * dtype.itemsize)
+    for start in range(part.start, part.stop, step):
+        yield start, min(part.stop, start + step)
 
 
 def _contiguous_rows(xp: Any) -> bool | None:
@@ -36,7 +50,11 @@ class Convolution(Layer):
 
     Unlike the book, the patch matrix is not kept between forward and backward:
     backward rebuilds it chunk by chunk, which is cheaper than reading tens of MB
-    back from memory, and keeps the layer's memory bounded for large batches.
+    back from memory, and keeps the layer's memory bounded for large batches (the
+    chunks' scratch buffers are shared by all layers; ``free_workspace`` releases
+    them).  On the CPU the batch is split over xpnet's threads
+    (:mod:`xpnet.backend.threads`); on CuPy one kernel builds each patch matrix
+    straight from the unpadded input (:mod:`xpnet.layers.cuda_kernels`).
     """
 
     def __init__(self, W: Array, b: Array, stride: int = 1, pad: int = 0) -> None:
@@ -54,20 +72,12 @@ class Convolution(Layer):
         name = self.name
         expect(x.ndim == 4, name, "input ndim (N, C, H, W)", 4, x.ndim)
         expect(x.shape[1] == c, name, "input channels", c, x.shape[1])
-        h, w = x.shape[2] + 2 * self.pad, x.shape[3] + 2 * self.pad
-        expect(h >= kh and w >= kw, name, "padded input size",
-               f">= kernel {(kh, kw)}", (h, w))
-        for axis, size, k in (("height", h, kh), ("width", w, kw)):
-            expect((size - k) % self.stride == 0, name,
-                   f"(padded {axis} - kernel) divisible by stride {self.stride}",
-                   "a whole output size", f"{size} - {k} = {size - k}")
-        return geometry(x.shape, kh, kw, self.stride, self.pad, _contiguous_rows(xp))
+        return checked_geometry(name, x.shape, kh, kw, self.stride, self.pad, "kernel",
+                                _contiguous_rows(xp))
 
     def _chunks(self, tag: str, xp: Any, x: Array, g, part: slice):
         """Yield (start, stop, col) over x[part], col = im2col of x[start:stop]."""
-        step = chunk_size(xp, part.stop - part.start, g.ckk * g.length * x.dtype.itemsize)
-        for start in range(part.start, part.stop, step):
-            stop = min(part.stop, start + step)
+        for start, stop in _chunk_ranges(xp, part, g, x.dtype):
             m = stop - start
             col = self._workspace(tag + "col", xp, g.col_shape(m), x.dtype)
             if not g.contiguous_rows and cuda_kernels_enabled(xp):
@@ -134,12 +144,8 @@ class Convolution(Layer):
                     dW += product
             return dW, dout[part].sum(axis=(0, 2, 3))
 
-        # Per-thread partial sums, added in slice order: the same result every run.
-        parts = parallel_map(xp, weight_gradient_part, batch_slices(xp, x.shape[0]))
-        dW, db = parts[0]
-        for dW_part, db_part in parts[1:]:
-            dW += dW_part
-            db += db_part
+        dW, db = sum_in_order(parallel_map(xp, weight_gradient_part,
+                                           batch_slices(xp, x.shape[0])))
         self.grads = {"W": dW.reshape(W.shape), "b": db}
         if not self.need_input_grad:
             return None
@@ -160,10 +166,7 @@ class Convolution(Layer):
         W2T = W.reshape(fn, -1).T
 
         def col2im_part(part: slice) -> None:
-            n = part.stop - part.start
-            step = chunk_size(xp, n, g.ckk * g.length * dout.dtype.itemsize)
-            for start in range(part.start, part.stop, step):
-                stop = min(part.stop, start + step)
+            for start, stop in _chunk_ranges(xp, part, g, dout.dtype):
                 m = stop - start
                 dcol = self._workspace("dcol", xp, g.col_shape(m), dout.dtype)
                 xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g), out=dcol)

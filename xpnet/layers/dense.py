@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xpnet.backend.threads import batch_slices, parallel_map
+from xpnet.backend.threads import batch_slices, parallel_map, sum_in_order
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 
 # A GEMM smaller than this many multiply-adds runs on one thread: waking a
@@ -63,12 +63,7 @@ class Affine(Layer):
                 xp.matmul(dout[part], W.T, out=dx[part])
             return x2d[part].T @ dout[part], dout[part].sum(axis=0)
 
-        # Per-thread partial sums, added in slice order: the same result every run.
-        parts = parallel_map(xp, backward_part, self._slices(xp))
-        dW, db = parts[0]
-        for dW_part, db_part in parts[1:]:
-            dW += dW_part
-            db += db_part
+        dW, db = sum_in_order(parallel_map(xp, backward_part, self._slices(xp)))
         self.grads = {"W": dW, "b": db}
         return None if dx is None else dx.reshape(self.x_shape)
 

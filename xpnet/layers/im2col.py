@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xpnet.backend import get_array_module
+from xpnet.layers.base import expect
 
 Array = Any
 
@@ -97,6 +98,23 @@ def geometry(x_shape: tuple[int, ...], kh: int, kw: int, stride: int = 1, pad: i
     if contiguous_rows is None:
         contiguous_rows = stride == 1
     return PatchGeometry(c, h, w, kh, kw, stride, pad, contiguous_rows and stride == 1)
+
+
+def checked_geometry(layer: str, x_shape: tuple[int, ...], kh: int, kw: int, stride: int,
+                     pad: int, kind: str = "kernel",
+                     contiguous_rows: bool | None = None) -> PatchGeometry:
+    """:func:`geometry`, after checking that the windows fit a whole number of times.
+
+    Raises ValueError naming ``layer``, what the ``kind`` ('kernel' or 'window') needs
+    and what it got.
+    """
+    h, w = x_shape[2] + 2 * pad, x_shape[3] + 2 * pad
+    expect(h >= kh and w >= kw, layer, "padded input size", f">= {kind} {(kh, kw)}", (h, w))
+    for axis, size, k in (("height", h, kh), ("width", w, kw)):
+        expect((size - k) % stride == 0, layer,
+               f"(padded {axis} - {kind}) divisible by stride {stride}",
+               "a whole output size", f"{size} - {k} = {size - k}")
+    return geometry(x_shape, kh, kw, stride, pad, contiguous_rows)
 
 
 def pad_into(x: Array, g: PatchGeometry, out: Array, value: float = 0.0) -> Array:

@@ -8,7 +8,7 @@ from xpnet.backend.kernels import cuda_kernels_enabled
 from xpnet.backend.threads import batch_slices, parallel_map
 from xpnet.layers import cuda_kernels
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
-from xpnet.layers.im2col import crop_padding, geometry, pad_into, window_view
+from xpnet.layers.im2col import checked_geometry, crop_padding, pad_into, window_view
 
 # Fewer images than this per thread are not worth waking a worker thread for.
 IMAGES_PER_THREAD = 8
@@ -34,15 +34,8 @@ class _Pool2d(Layer):
         name = self.name
         expect_float_input(name, x)
         expect(x.ndim == 4, name, "input ndim (N, C, H, W)", 4, x.ndim)
-        h, w = x.shape[2] + 2 * self.pad, x.shape[3] + 2 * self.pad
-        expect(h >= self.pool_h and w >= self.pool_w, name, "padded input size",
-               f">= window {(self.pool_h, self.pool_w)}", (h, w))
-        for axis, size, k in (("height", h, self.pool_h), ("width", w, self.pool_w)):
-            expect((size - k) % self.stride == 0, name,
-                   f"(padded {axis} - window) divisible by stride {self.stride}",
-                   "a whole output size", f"{size} - {k} = {size - k}")
-        return geometry(x.shape, self.pool_h, self.pool_w, self.stride, self.pad,
-                        contiguous_rows=False)
+        return checked_geometry(name, x.shape, self.pool_h, self.pool_w, self.stride,
+                                self.pad, "window", contiguous_rows=False)
 
     def _windows(self, xp: Any, x: Array, g):
         """(index, i, j, view of the padded input) for each window offset."""
