@@ -131,3 +131,5 @@ def test_random_state_roundtrip():
 def test_device_name_mentions_device(xp):
     name = backend.device_name()
     assert ("CPU" in name) if xp is np else ("GPU" in name)
+    if xp is np:  # and how many threads xpnet's CPU loops use
+        assert f"{backend.get_num_threads()} xpnet threads" in name

@@ -281,7 +281,8 @@ def device_name() -> str:
         return f"GPU {dev.id}: {name}"
     import platform  # noqa: PLC0415
 
-    return f"CPU ({platform.machine()}, {os.cpu_count()} logical cores)"
+    return (f"CPU ({platform.machine()}, {os.cpu_count()} logical cores, "
+            f"{get_num_threads()} xpnet threads)")
 
 
 # ----------------------------------------------------------------- dtype
