@@ -104,3 +104,21 @@ def test_gpu_benchmark_notebook_runs_quick(tmp_path, monkeypatch):
                            "performance_gpu_table.md"]
     else:
         assert "GPU benchmark skipped" in text and written == []
+
+
+@pytest.mark.parametrize("model", ["mlp", "deep-convnet"])
+def test_profile_layers_accounts_for_every_layer(tmp_path, model):
+    out = tmp_path / "profile.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_layers.py"), "--model", model,
+         "--batch", "4", "--steps", "1", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    parts = result["parts_ms"]
+    layers = {key.rsplit(" ", 1)[0] for key in parts if key != "optimizer"}
+    assert "optimizer" in parts and len(result["step_ms"]) == 1
+    expected = {"mlp": 9, "deep-convnet": 20}[model]  # layers before the loss
+    assert len(layers) == expected, sorted(layers)
+    assert all(math.isfinite(v) and v >= 0 for v in parts.values())
+    assert "| part | ms | share |" in done.stdout
