@@ -31,22 +31,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # sibling script (benchmarks/ is sys.path[0]); it imports no numpy at module level
-    from bench_models import MODELS, limit_threads
+    from bench_models import MODELS, build_xpnet, limit_threads, make_data
 
     limit_threads(args.threads)  # before numpy loads its BLAS
-    from xpnet.backend import device_name, get_backend, get_backend_name, get_rng, seed
-    from xpnet.models import build_model
+    from xpnet.backend import device_name, get_backend, get_backend_name, seed, to_backend
     from xpnet.optim import Adam
 
     xp = get_backend()
     sync = xp.cuda.Device().synchronize if get_backend_name() == "cupy" else (lambda: None)
-    label, kwargs, sample_shape = MODELS[args.model]
     seed(0)
-    net = build_model(args.model, **kwargs)
+    net = build_xpnet(args.model)  # the benchmark's model and data, on the active backend
     opt = Adam()
-    rng = get_rng()
-    x = rng.random((args.batch, *sample_shape)).astype(net.dtype)
-    t = xp.asarray(rng.integers(0, 10, args.batch))
+    x, t = (to_backend(a) for a in make_data(args.model, args.batch))
 
     def step():
         opt.update(net.params, net.gradient(x, t))
@@ -82,7 +78,7 @@ def main(argv=None) -> int:
         step()
     per_step = {k: v / args.steps for k, v in totals.items()}
 
-    print(f"# {label}, batch {args.batch}, {get_backend_name()} on {device_name()}")
+    print(f"# {MODELS[args.model][0]}, batch {args.batch}, {get_backend_name()} on {device_name()}")
     print(f"train step (no per-layer sync): median {statistics.median(step_ms):.2f} ms")
     print(f"sum of the synchronised parts: {sum(per_step.values()):.2f} ms\n")
     print("| part | ms | share |\n|---|--:|--:|")
