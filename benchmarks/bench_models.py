@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="settled: interleaved rep by rep, waiting for idle worker threads "
                         "before each rep (default); interleaved: without waiting; "
                         "blocks: all xpnet reps, then all PyTorch reps")
+    p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
+                   help="CuPy: time xpnet's train step recorded as a CUDA graph (TrainStep, "
+                        "default on), with the eager step in an extra column; off: eager only")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--md", metavar="FILE", help="write the Markdown tables")
     p.add_argument("--png", metavar="FILE", help="plot the results (needs matplotlib)")
@@ -125,9 +128,11 @@ def import_torch(want: bool, gpu: bool) -> tuple[Any, str | None]:
 class Env:
     """Where the run happens: the xpnet backend, and PyTorch (or None) on its device."""
 
-    def __init__(self, backend: str, gpu: bool, torch: Any, sizes: dict, schedule: str):
+    def __init__(self, backend: str, gpu: bool, torch: Any, sizes: dict, schedule: str,
+                 cuda_graph: bool = False):
         self.backend, self.gpu, self.torch = backend, gpu, torch
         self.sizes, self.schedule = sizes, schedule
+        self.cuda_graph = gpu and cuda_graph  # xpnet's train step as a CUDA graph
         self.device = "cuda" if gpu else "cpu"
         self._cupy: Any = None
 
@@ -135,7 +140,7 @@ class Env:
         """Wait for the framework's queued GPU work (nothing to do on the CPU)."""
         if not self.gpu:
             return
-        if framework == "xpnet":
+        if framework.startswith("xpnet"):
             if self._cupy is None:
                 import cupy
                 self._cupy = cupy
@@ -157,7 +162,7 @@ def machine_info(env: Env, argv: list[str], threads: int, torch_note: str | None
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_models.py " + shlex.join(argv),
         "backend": env.backend, "dtype": "float32", "threads": threads,
-        "schedule": env.schedule, "cpu": cpu, "cpus": os.cpu_count(),
+        "schedule": env.schedule, "cuda_graph": env.cuda_graph, "cpu": cpu, "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
@@ -247,20 +252,26 @@ def make_data(name: str, batch: int) -> tuple[Any, Any]:
             rng.integers(0, 10, batch))
 
 
-def xpnet_case(name: str, task: str, batch: int) -> Callable[[], Any]:
-    """One call of ``task`` ('train' or 'infer') on a fresh xpnet network."""
+def xpnet_case(name: str, task: str, batch: int,
+               cuda_graph: bool = False) -> Callable[[], Any]:
+    """One call of ``task`` ('train' or 'infer') on a fresh xpnet network.
+
+    The train step is ``TrainStep(net, Adam)``: ``net.gradient`` then ``update``,
+    recorded as a CUDA graph and replayed if ``cuda_graph`` (CuPy).
+    """
     from xpnet.backend import seed, to_backend
     from xpnet.optim import Adam
+    from xpnet.train import TrainStep
     seed(0)
     net = build_xpnet(name)
     x, t = (to_backend(a) for a in make_data(name, batch))
     if task == "infer":
         return lambda: net.predict(x, train_flg=False)
-    opt = Adam(lr=0.001)
+    train_step = TrainStep(net, Adam(lr=0.001), cuda_graph=cuda_graph)
 
     def step():
-        grads = net.gradient(x, t)
-        opt.update(net.params, grads)
+        return train_step(x, t)
+    step.train_step = train_step  # type: ignore[attr-defined]
     return step
 
 
@@ -384,14 +395,21 @@ def summary(times: list[float], batch: int) -> dict:
 
 def bench_case(env: Env, name: str, task: str, batch: int) -> dict:
     """One row: the model's ``task`` at ``batch`` for each framework, and the ratio."""
-    cases = {"xpnet": xpnet_case(name, task, batch)}
+    graph = env.cuda_graph and task == "train"
+    cases = {"xpnet": xpnet_case(name, task, batch, cuda_graph=graph)}
+    if graph:  # the same step without the graph, for comparison
+        cases["xpnet_eager"] = xpnet_case(name, task, batch)
     if env.torch is not None:
         cases["pytorch"] = torch_case(env, name, task, batch)
     times = measure(env, cases)
+    if graph and not cases["xpnet"].train_step.graphed:
+        raise RuntimeError(f"{name} train {batch}: the CUDA graph was not recorded")
     row = {"model": name, "task": task, "batch": batch}
     row.update({fw: summary(v, batch) for fw, v in times.items()})
     if "pytorch" in row:
         row["ratio"] = row["xpnet"]["median_ms"] / row["pytorch"]["median_ms"]
+        if "xpnet_eager" in row:
+            row["ratio_eager"] = row["xpnet_eager"]["median_ms"] / row["pytorch"]["median_ms"]
     print(f"{name} {task} {batch}: " + ", ".join(
         f"{fw} {row[fw]['median_ms']:.2f} ms" for fw in times), file=sys.stderr, flush=True)
     return row
@@ -424,8 +442,8 @@ def memory_child(args: argparse.Namespace) -> None:
         if torch is None:
             raise SystemExit(why)
         torch.set_num_threads(args.threads)
-    env = Env(args.backend, gpu, torch, args.sizes, args.schedule)
-    step = xpnet_case(name, "train", batch) if framework == "xpnet" else \
+    env = Env(args.backend, gpu, torch, args.sizes, args.schedule, args.cuda_graph == "on")
+    step = xpnet_case(name, "train", batch, env.cuda_graph) if framework == "xpnet" else \
         torch_case(env, name, "train", batch)
     out = {"framework": framework, "model": name, "batch": batch, "steps": steps}
     if gpu:
@@ -441,7 +459,10 @@ def memory_child(args: argparse.Namespace) -> None:
         for _ in range(steps):
             step()
         env.sync(framework)
-        peak = pool.total_bytes() if framework == "xpnet" else torch.cuda.max_memory_allocated()
+        if framework == "xpnet":  # the CUDA graph's private pool counts too
+            peak = pool.total_bytes() + step.train_step.memory_bytes()
+        else:
+            peak = torch.cuda.max_memory_allocated()
         out.update(method="cupy pool total_bytes" if framework == "xpnet"
                    else "torch.cuda.max_memory_allocated", peak_mib=(peak - base) / 2**20)
     else:
@@ -470,7 +491,8 @@ def memory_of(env: Env, framework: str, name: str, threads: int) -> dict:
     """What :func:`memory_child` reports for one (framework, model), run in a child."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", framework, name,
            "--backend", env.backend, "--threads", str(threads),
-           "--batch", str(env.sizes["batch"]), "--memory-steps", str(env.sizes["memory_steps"])]
+           "--batch", str(env.sizes["batch"]), "--memory-steps", str(env.sizes["memory_steps"]),
+           "--cuda-graph", "on" if env.cuda_graph else "off"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DL_BACKEND": env.backend})
     if proc.returncode != 0:
@@ -507,7 +529,8 @@ def run(argv: list[str] | None = None) -> dict:
         torch, note = import_torch(not args.no_torch, backend == "cupy")
         if torch is not None and backend != "cupy":
             torch.set_num_threads(args.threads)
-        env = Env(backend, backend == "cupy", torch, args.sizes, args.schedule)
+        env = Env(backend, backend == "cupy", torch, args.sizes, args.schedule,
+                  args.cuda_graph == "on")
         res: dict[str, Any] = {"info": machine_info(env, argv, args.threads, note),
                                "sizes": {k: list(v) if isinstance(v, tuple) else v
                                          for k, v in args.sizes.items()},
@@ -558,20 +581,35 @@ def markdown(res: dict) -> str:
              f"- command: `{i['command']}`",
              f"- median of {res['sizes']['reps']} reps, {i['schedule']} schedule (see "
              "benchmarks/README.md), IQR in brackets; ratio = xpnet ms / PyTorch ms "
-             "(above 1: xpnet slower)", "",
-             "| model | step | batch | xpnet ms | PyTorch ms | xpnet img/s | PyTorch img/s "
-             "| xpnet/PyTorch |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+             "(above 1: xpnet slower)"]
+    eager = any("xpnet_eager" in r for r in res["steps"] + res["sweep"])
+    if eager:
+        lines.append("- xpnet's train step is `TrainStep(net, Adam(), cuda_graph=True)`: "
+                     "recorded once as a CUDA graph, then replayed; the eager columns time "
+                     "the same step without the graph (PyTorch: eager)")
+    lines += ["", "| model | step | batch | xpnet ms | PyTorch ms | xpnet img/s | PyTorch img/s "
+              "| xpnet/PyTorch |" + (" xpnet eager ms | eager/PyTorch |" if eager else ""),
+              "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if eager else "")]
+
+    def eager_cells(r: dict) -> str:
+        if not eager:
+            return ""
+        ratio = f"{r['ratio_eager']:.2f}" if "ratio_eager" in r else "-"
+        return f" {_ms(r.get('xpnet_eager'))} | {ratio} |"
+
     for r in res["steps"]:
         lines.append(f"| {res['models'][r['model']]} | {r['task']} | {r['batch']} | "
                      f"{_ms(r['xpnet'])} | {_ms(r.get('pytorch'))} | {_ips(r['xpnet'])} | "
-                     f"{_ips(r.get('pytorch'))} | {_ratio(r)} |")
+                     f"{_ips(r.get('pytorch'))} | {_ratio(r)} |" + eager_cells(r))
     if res["sweep"]:
         lines += ["", "DeepConvNet train step by batch size:", "",
                   "| batch | xpnet ms | PyTorch ms | xpnet img/s | PyTorch img/s "
-                  "| xpnet/PyTorch |", "|--:|--:|--:|--:|--:|--:|"]
+                  "| xpnet/PyTorch |" + (" xpnet eager ms | eager/PyTorch |" if eager else ""),
+                  "|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if eager else "")]
         for r in res["sweep"]:
             lines.append(f"| {r['batch']} | {_ms(r['xpnet'])} | {_ms(r.get('pytorch'))} | "
-                         f"{_ips(r['xpnet'])} | {_ips(r.get('pytorch'))} | {_ratio(r)} |")
+                         f"{_ips(r['xpnet'])} | {_ips(r.get('pytorch'))} | {_ratio(r)} |"
+                         + eager_cells(r))
     if res["memory"]:
         m = res["memory"][0]
         how = "; ".join(dict.fromkeys(m[fw]["method"] for fw in FRAMEWORKS if fw in m))
@@ -610,12 +648,13 @@ def plot(res: dict) -> Any:
     short = {"mlp": "MLP", "simple-convnet": "Simple", "deep-convnet": "Deep"}
     labels = [f"{short[r['model']]}\n{r['task']} {r['batch']}" for r in rows]
     pos = np.arange(len(rows))
-    fws = [fw for fw in FRAMEWORKS if rows and fw in rows[0]]
+    fws = [fw for fw in ("xpnet", "xpnet_eager", "pytorch") if any(fw in r for r in rows)]
+    width = 0.8 / max(1, len(fws))
     for ax, key, title in ((axes[0, 0], "median_ms", "ms per step (log)"),
                            (axes[0, 1], "images_per_s", "images/s (log)")):
         for k, fw in enumerate(fws):
-            ax.bar(pos + (k - 0.5 * (len(fws) - 1)) * 0.4, [r[fw][key] for r in rows], 0.4,
-                   label=fw)
+            ax.bar(pos + (k - 0.5 * (len(fws) - 1)) * width,
+                   [r[fw][key] if fw in r else math.nan for r in rows], width, label=fw)
         ax.set(title=title, yscale="log", xticks=pos, xticklabels=labels)
         ax.legend()
     ax = axes[1, 0]
@@ -628,7 +667,7 @@ def plot(res: dict) -> Any:
     ax.set(title="xpnet ms / PyTorch ms", xticks=pos, xticklabels=labels)
     ax = axes[1, 1]
     for fw in fws:
-        if res["sweep"]:
+        if res["sweep"] and fw in res["sweep"][0]:
             ax.plot([r["batch"] for r in res["sweep"]],
                     [r[fw]["images_per_s"] for r in res["sweep"]], "o-", label=fw)
     ax.set(title="DeepConvNet train step: images/s by batch", xlabel="batch")

@@ -66,6 +66,9 @@ def filter_responses(run, W: np.ndarray, digit: np.ndarray, label: int, filename
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=None, help="epochs (book: 20; quick: 1)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on the GPU, replay the train step as a CUDA graph (Trainer's "
+                        "cuda_graph)")
     args = p.parse_args()
     epochs = args.epochs or (1 if args.quick else 20)
     n_train, n_test = (1000, 500) if args.quick else (None, None)
@@ -78,7 +81,8 @@ def main() -> None:
                                 "test_images": n_test or 10000, "epochs": epochs,
                                 "batch_size": batch_size, "optimizer": f"Adam lr {lr}",
                                 "evaluate_sample_num_per_epoch": 1000,
-                                "final_accuracy": "whole test set"})
+                                "final_accuracy": "whole test set",
+                                "cuda_graph": bool(args.cuda_graph)})
     (x_train, t_train), (x_test, t_test) = _common.load_mnist_subset(
         n_train, n_test, flatten=False, on_device=False)
 
@@ -89,7 +93,7 @@ def main() -> None:
     trainer = Trainer(net, x_train, t_train, x_test, t_test, epochs=epochs,
                       mini_batch_size=batch_size, optimizer="adam",
                       optimizer_param={"lr": lr}, evaluate_sample_num_per_epoch=1000,
-                      seed=run.seed)
+                      seed=run.seed, cuda_graph=args.cuda_graph)
     t0 = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t0

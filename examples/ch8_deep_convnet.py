@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--fp16-backends", default=None,
                    help="comma-separated backends for the float16 comparison (default: "
                         "numpy, and cupy when a GPU is usable)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on the GPU, replay the train step as a CUDA graph (Trainer's "
+                        "cuda_graph)")
     args = p.parse_args()
     epochs = args.epochs or (1 if args.quick else 20)
     n_train, n_test = (300, 200) if args.quick else (None, None)
@@ -88,7 +91,8 @@ def main() -> None:
                                 "test_images": n_test or 10000, "epochs": epochs,
                                 "batch_size": batch_size, "optimizer": f"Adam lr {lr}",
                                 "evaluate_sample_num_per_epoch": 1000,
-                                "final_accuracy": "whole test set"})
+                                "final_accuracy": "whole test set",
+                                "cuda_graph": bool(args.cuda_graph)})
     (x_train, t_train), (x_test, t_test) = _common.load_mnist_subset(
         n_train, n_test, flatten=False, on_device=False)
     fp16_n = min(len(x_test), args.fp16_samples or (10 if args.quick else len(x_test)))
@@ -98,7 +102,7 @@ def main() -> None:
     trainer = Trainer(net, x_train, t_train, x_test, t_test, epochs=epochs,
                       mini_batch_size=batch_size, optimizer="adam",
                       optimizer_param={"lr": lr}, evaluate_sample_num_per_epoch=1000,
-                      seed=run.seed)
+                      seed=run.seed, cuda_graph=args.cuda_graph)
     t0 = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from xpnet.backend.kernels import cuda_kernels_enabled, use_cuda_kernels
 from xpnet.layers import Convolution, Pooling, cuda_kernels
 from xpnet.layers.im2col import fill_cols, geometry, pad_into
 from xpnet.models import SimpleConvNet
-from xpnet.optim import Adam
+from xpnet.optim import SGD, AdaGrad, Adam, AdamW, Momentum, Nesterov, RMSprop
 
 
 @pytest.fixture
@@ -89,19 +89,35 @@ def test_max_pool_kernels_match_generic(gpu_xp, rng, x_shape, k, stride, pad):
         np.testing.assert_array_equal(k_, g)
 
 
+FUSED = {
+    "sgd": lambda: SGD(lr=0.1),
+    "momentum": lambda: Momentum(lr=0.05, momentum=0.8),
+    "nesterov": lambda: Nesterov(lr=0.05, momentum=0.7),
+    "adagrad": lambda: AdaGrad(lr=0.1),
+    "rmsprop": lambda: RMSprop(lr=0.01, decay_rate=0.95),
+    "adam": lambda: Adam(lr=0.01),
+    "adamw": lambda: AdamW(lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_fused_adam_matches_generic_bit_for_bit(gpu_xp, rng, dtype):
+def test_fused_optimizer_matches_generic_bit_for_bit(gpu_xp, rng, name, dtype):
+    """Each optimizer's one-kernel update equals its generic update, over three steps
+    with the learning rate changed in between (the kernels read it from the GPU)."""
     xp = gpu_xp
-    p0 = rng.standard_normal((7, 5)).astype(dtype)
-    grads = [rng.standard_normal((7, 5)).astype(dtype) for _ in range(3)]
+    p0 = {k: rng.standard_normal((7, 5)).astype(dtype) for k in ("W1", "b1")}
+    grads = [{k: rng.standard_normal((7, 5)).astype(dtype) for k in p0} for _ in range(3)]
 
     def run():
-        params = {"W": xp.asarray(p0)}
-        opt = Adam(lr=0.01)
-        for g in grads:
-            opt.update(params, {"W": xp.asarray(g)})
+        params = {k: xp.asarray(v) for k, v in p0.items()}
+        opt = FUSED[name]()
+        for i, g in enumerate(grads):
+            opt.lr = opt.lr * (1.0 - 0.3 * i)
+            opt.update(params, {k: xp.asarray(v) for k, v in g.items()})
         state = opt.state_dict()
-        return params["W"], *(state["slots"][name]["W"] for name in ("m", "v"))
+        return (*params.values(), *(a for table in state["slots"].values()
+                                    for a in table.values()))
 
     generic, kernel = both_paths(run)
     for g, k in zip(generic, kernel, strict=True):

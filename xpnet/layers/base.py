@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from xpnet.backend import check_same_backend
+from xpnet.backend.graphs import capture_workspace
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -68,7 +69,10 @@ class Layer:
         :func:`free_workspace` releases them.  Contents are undefined.
         """
         size = math.prod(shape)
-        pool = _scratch.__dict__.setdefault("buffers", {})
+        # A CUDA graph being prepared keeps its own buffers (xpnet.backend.graphs).
+        pool = capture_workspace()
+        if pool is None:
+            pool = _scratch.__dict__.setdefault("buffers", {})
         # One set per device: a buffer on GPU 0 must not serve arrays on GPU 1.
         key = (name, xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
         buf = pool.get(key)

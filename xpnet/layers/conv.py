@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.backend.graphs import matmul
 from xpnet.backend.kernels import cuda_kernels_enabled
 from xpnet.backend.threads import batch_slices, parallel_map, sum_in_order
 from xpnet.layers import cuda_kernels
@@ -106,7 +107,7 @@ class Convolution(Layer):
             for start, stop, col in self._chunks(tag, xp, x, g, part):
                 m = stop - start
                 y = self._workspace(tag + "y", xp, (fn, m * g.length), x.dtype)
-                xp.matmul(W2, col, out=y)
+                matmul(xp, W2, col, out=y)
                 # Back to (m, FN, OH, OW): crop the junk columns, add the bias, in one pass.
                 y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
                 xp.add(y, bias, out=out[start:stop])
@@ -137,7 +138,7 @@ class Convolution(Layer):
         def weight_gradient_part(part: slice) -> tuple[Array, Array]:
             dW = None
             for start, stop, col in self._chunks("f", xp, x, g, part):
-                product = self._dout_cols(xp, dout, start, stop, g) @ col.T
+                product = matmul(xp, self._dout_cols(xp, dout, start, stop, g), col.T)
                 if dW is None:
                     dW = product
                 else:
@@ -169,7 +170,7 @@ class Convolution(Layer):
             for start, stop in _chunk_ranges(xp, part, g, dout.dtype):
                 m = stop - start
                 dcol = self._workspace("dcol", xp, g.col_shape(m), dout.dtype)
-                xp.matmul(W2T, self._dout_cols(xp, dout, start, stop, g), out=dcol)
+                matmul(xp, W2T, self._dout_cols(xp, dout, start, stop, g), out=dcol)
                 dpadded = self._workspace("dpadded", xp, g.padded_shape(m), dout.dtype)
                 scatter_cols(dcol, g, dpadded)
                 xp.copyto(dx[start:stop], crop_padding(dpadded, g))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.backend.graphs import matmul
 from xpnet.backend.threads import batch_slices, parallel_map, sum_in_order
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 
@@ -38,7 +39,7 @@ class Affine(Layer):
         out = xp.empty((x2d.shape[0], W.shape[1]), dtype=x.dtype)
 
         def forward_part(part: slice) -> None:
-            xp.matmul(x2d[part], W, out=out[part])
+            matmul(xp, x2d[part], W, out=out[part])
             out[part] += b
 
         parallel_map(xp, forward_part, self._slices(xp))
@@ -60,8 +61,8 @@ class Affine(Layer):
 
         def backward_part(part: slice) -> tuple[Array, Array]:
             if dx is not None:
-                xp.matmul(dout[part], W.T, out=dx[part])
-            return x2d[part].T @ dout[part], dout[part].sum(axis=0)
+                matmul(xp, dout[part], W.T, out=dx[part])
+            return matmul(xp, x2d[part].T, dout[part]), dout[part].sum(axis=0)
 
         dW, db = sum_in_order(parallel_map(xp, backward_part, self._slices(xp)))
         self.grads = {"W": dW, "b": db}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from xpnet.backend.graphs import capturing
 from xpnet.layers.base import Array, Layer, expect, expect_float_input
 
 
@@ -16,7 +17,9 @@ class SoftmaxWithLoss(Layer):
     The softmax is computed in log-sum-exp form, stable for logits of +-1e4.
     Labels are checked (CuPy would silently wrap an out-of-range index); the
     check reads two numbers back from the GPU, so a caller that has validated
-    its labels once can set ``validate_labels = False``.
+    its labels once can set ``validate_labels = False``.  It is skipped while a
+    CUDA graph is recorded, where nothing can be read back (the Trainer checks
+    every label before training).
     """
 
     validate_labels = True
@@ -31,7 +34,7 @@ class SoftmaxWithLoss(Layer):
         if t.ndim == 2:
             expect(t.shape == (n, k), self.name, "one-hot labels shape", (n, k), tuple(t.shape))
             labels = t.argmax(axis=1)
-            if self.validate_labels:
+            if self.validate_labels and not capturing():
                 rows = t.sum(axis=1)
                 ok = bool(((t == 0) | (t == 1)).all()) and bool((rows == 1).all())
                 expect(ok, self.name, "one-hot labels", "rows of 0/1 with exactly one 1",
@@ -42,7 +45,7 @@ class SoftmaxWithLoss(Layer):
             expect(t.dtype.kind in "iu", self.name, "label dtype", "an integer dtype",
                    t.dtype, TypeError)
             labels = t
-            if self.validate_labels:
+            if self.validate_labels and not capturing():
                 lo, hi = int(t.min()), int(t.max())
                 expect(lo >= 0 and hi < k, self.name, "label range", f"0..{k - 1}",
                        f"{lo}..{hi}")

@@ -2,7 +2,11 @@
 
 Subclasses declare the names of their per-parameter state arrays (``slot_names``),
 their hyperparameters (``hyper_names``) and implement :meth:`Optimizer._update_one`,
-the update of one parameter array in place.
+the update of one parameter array in place.  On CuPy a subclass may also give one
+fused kernel (``_kernel``) that does the same update in one launch, reading this
+step's scalars (``_kernel_scalars``) from a small device array: a Python scalar
+would be frozen into a recorded CUDA graph, a device array is rewritten before
+each replay (see :mod:`xpnet.backend.graphs`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any, ClassVar
 import numpy
 
 from xpnet.backend import BackendMismatchError, get_array_module, to_cpu
+from xpnet.backend.graphs import GraphUnsafeError, capturing
+from xpnet.backend.kernels import cuda_kernels_enabled, elementwise_kernel
 from xpnet.optim.clip import clip_grad_norm
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -50,6 +56,15 @@ _POSITIVE: tuple[str, Callable[[float], bool]] = ("> 0", lambda v: v > 0)
 _UNIT: tuple[str, Callable[[float], bool]] = ("in [0, 1)", lambda v: 0 <= v < 1)
 
 
+# Writes a step's scalars (up to eight) into the device array the fused kernels read.
+_SET_SCALARS = (
+    ", ".join(f"float64 a{i}" for i in range(8)),
+    "raw float64 h",
+    " ".join(f"h[{i}] = a{i};" for i in range(8)),
+    "xpnet_set_scalars",
+)
+
+
 def _shape(a: Any) -> tuple[int, ...] | None:
     shape = getattr(a, "shape", None)
     return None if shape is None else tuple(shape)
@@ -82,6 +97,10 @@ class Optimizer:
     hyper_rules: ClassVar[dict[str, tuple[str, Callable[[float], bool]]]] = {
         "lr": _NONNEG, "clip_norm": _POSITIVE}
 
+    #: the fused CuPy kernel: ``elementwise_kernel`` arguments whose parameters are
+    #: "T g, raw float64 h" in and "T p" plus one "T <slot>" per slot name out
+    _kernel: ClassVar[tuple | None] = None
+
     clip_norm: float | None
 
     def __init__(self, *, clip_norm: float | None = None, **hyper: float) -> None:
@@ -99,6 +118,8 @@ class Optimizer:
         self.last_grad_norm: float | None = None
         self._slots: dict[str, dict[str, Array]] = {name: {} for name in self.slot_names}
         self._scratch: dict[str, Array] = {}
+        self._scalars_version = 0  # advanced with every step
+        self._device_scalars_at: dict[int, tuple[Array, int]] = {}  # device -> (h, version)
 
     # ------------------------------------------------------------ hyperparameters
     @property
@@ -152,14 +173,96 @@ class Optimizer:
         """
         self._check_grads(params, grads)
         if self.clip_norm is not None:
+            if capturing():
+                raise GraphUnsafeError(f"{type(self).__name__}: clip_norm reads the gradient "
+                                       "norm back from the GPU, which a CUDA graph cannot do")
             self.last_grad_norm = clip_grad_norm([grads[k] for k in params], self.clip_norm)
-        self.step_count += 1
-        self._begin_step()
+        if not capturing():  # a recorded step is advanced by its replayer (advance_step)
+            self.advance_step()
         for key, p in params.items():
             g = grads[key]
             module = get_array_module(p)
             slots = {name: self._slot(name, key, p, module) for name in self.slot_names}
-            self._update_one(module, key, p, g, slots, self._scratch_for(key, p, module))
+            if self._kernel is not None and cuda_kernels_enabled(module) and g.dtype == p.dtype:
+                self._fused_one(key, p, g, slots, self._device_scalars(p))
+            elif capturing():
+                raise GraphUnsafeError(
+                    f"{type(self).__name__}: without its CuPy kernel (XPNET_CUDA_KERNELS=0, or "
+                    "a gradient whose dtype differs from its parameter's) the update would "
+                    "freeze this step's scalars into the CUDA graph")
+            else:
+                self._update_one(module, key, p, g, slots, self._scratch_for(key, p, module))
+
+    def advance_step(self, params: Mapping[str, Array] | None = None) -> None:
+        """Count a new step and compute its scalars; ``update`` calls it.
+
+        A replayer of a recorded step (:class:`xpnet.train.TrainStep`) calls it
+        before each replay with the ``params``, which also writes this step's
+        scalars into the device array that the recorded kernels read.
+        """
+        self.step_count += 1
+        self._begin_step()
+        self._scalars_version += 1
+        if params is not None:
+            for p in params.values():
+                if self._kernel is not None and cuda_kernels_enabled(get_array_module(p)):
+                    self._device_scalars(p)
+                break
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        """This step's scalars for ``_kernel`` (``h[0]``, ``h[1]``, ...), at most 8."""
+        return (self.lr,)
+
+    def prepare(self, params: Mapping[str, Array]) -> None:
+        """Allocate the state of every key of ``params`` now, without taking a step.
+
+        (A CUDA-graph recorder calls it so that this long-lived state does not come
+        from the recording's private memory.)
+        """
+        for key, p in params.items():
+            module = get_array_module(p)
+            for name in self.slot_names:
+                self._slot(name, key, p, module)
+            if self._kernel is not None and cuda_kernels_enabled(module):
+                self._scalars_array(p)
+
+    def _scalars_array(self, p: Array) -> Array:
+        """The float64 device array of kernel scalars on ``p``'s GPU (made once)."""
+        device = p.device.id
+        entry = self._device_scalars_at.get(device)
+        if entry is None:
+            if capturing():
+                raise GraphUnsafeError(f"{type(self).__name__}: run one step before "
+                                       "capturing it, so the scalars have a device array")
+            import cupy  # noqa: PLC0415 - only reached with CuPy arrays
+
+            with cupy.cuda.Device(device):
+                entry = self._device_scalars_at[device] = (
+                    cupy.zeros(8, dtype=numpy.float64), -1)
+        return entry[0]
+
+    def _device_scalars(self, p: Array) -> Array:
+        """The float64 device array of this step's kernel scalars, on ``p``'s GPU.
+
+        Written by one tiny kernel once per step; while a graph is captured it is
+        only read (the replayer writes it before each replay).
+        """
+        h = self._scalars_array(p)
+        if capturing():
+            return h
+        device = p.device.id
+        version = self._device_scalars_at[device][1]
+        if version != self._scalars_version:
+            values = [float(v) for v in self._kernel_scalars()]
+            values += [0.0] * (8 - len(values))
+            elementwise_kernel(*_SET_SCALARS)(*values, h, size=1)
+            self._device_scalars_at[device] = (h, self._scalars_version)
+        return h
+
+    def _fused_one(self, key: str, p: Array, g: Array, slots: dict[str, Array],
+                   h: Array) -> None:
+        """The update of one parameter by ``_kernel`` (CuPy)."""
+        elementwise_kernel(*self._kernel)(g, h, p, *(slots[n] for n in self.slot_names))
 
     def _check_grads(self, params: Mapping[str, Array], grads: Mapping[str, Array]) -> None:
         problems = []

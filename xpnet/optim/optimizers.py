@@ -3,6 +3,12 @@
 Every class updates a dict of arrays in place with ``update(params, grads)``; the
 update rules below are the book's, written with in-place ufuncs (``out=``) and one
 scratch buffer ``s`` per key so that a step allocates no temporary arrays.
+
+On CuPy each class also has its update as one kernel (``_kernel``): the generic
+path's operations in its order, compiled without FMA contraction so that each is
+rounded as there (the tests require the two to agree bit for bit), with this
+step's scalars read from a device array ``h`` (``_kernel_scalars``), cast to the
+parameter's dtype as NumPy casts a Python float.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from xpnet.backend.kernels import cuda_kernels_enabled, elementwise_kernel
+from xpnet.backend.kernels import elementwise_kernel
 from xpnet.optim.base import _NONNEG, _UNIT, Array, Optimizer
 
 __all__ = [
@@ -37,6 +43,14 @@ class SGD(Optimizer):
     def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, clip_norm=clip_norm)
 
+    _kernel = (
+        "T g, raw float64 h",
+        "T p",
+        """p -= g * (T)h[0];""",
+        "xpnet_sgd",
+        ("--fmad=false",),
+    )
+
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
         xp.multiply(g, self.lr, out=s)
@@ -54,6 +68,17 @@ class Momentum(Optimizer):
     def __init__(self, lr: float = 0.01, momentum: float = 0.9,
                  clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
+
+    _kernel = (
+        "T g, raw float64 h",
+        "T p, T v",
+        """v = v * (T)h[0]; v -= g * (T)h[1]; p += v;""",
+        "xpnet_momentum",
+        ("--fmad=false",),
+    )
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        return (self.momentum, self.lr)
 
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
@@ -79,6 +104,18 @@ class Nesterov(Optimizer):
                  clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
 
+    _kernel = (
+        "T g, raw float64 h",
+        "T p, T v",
+        """v = v * (T)h[0]; v -= g * (T)h[1]; p += v * (T)h[2]; p -= g * (T)h[3];""",
+        "xpnet_nesterov",
+        ("--fmad=false",),
+    )
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        mu, lr = self.momentum, self.lr
+        return (mu, lr, mu * mu, (1.0 + mu) * lr)
+
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
         v, mu, lr = slots["v"], self.momentum, self.lr
@@ -98,6 +135,17 @@ class AdaGrad(Optimizer):
 
     def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, clip_norm=clip_norm)
+
+    _kernel = (
+        "T g, raw float64 h",
+        "T p, T hh",
+        """hh += g * g; p -= g / (sqrt(hh) + (T)h[1]) * (T)h[0];""",
+        "xpnet_adagrad",
+        ("--fmad=false",),
+    )
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        return (self.lr, EPS)
 
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
@@ -119,6 +167,17 @@ class RMSprop(Optimizer):
                  clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, decay_rate=decay_rate, clip_norm=clip_norm)
 
+    _kernel = (
+        "T g, raw float64 h",
+        "T p, T hh",
+        """hh = hh * (T)h[0]; hh += g * (T)h[1] * g; p -= g / (sqrt(hh) + (T)h[3]) * (T)h[2];""",
+        "xpnet_rmsprop",
+        ("--fmad=false",),
+    )
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        return (self.decay_rate, 1.0 - self.decay_rate, self.lr, EPS)
+
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
         h = slots["h"]
@@ -136,22 +195,6 @@ def _scaled_step(xp: ModuleType, p: Array, g: Array, h: Array, s: Array, lr: flo
     xp.divide(g, s, out=s)
     s *= lr
     p -= s
-
-
-# Adam's update of one parameter as a single CuPy kernel (see xpnet.backend.kernels):
-# the generic path's operations in its order, compiled without FMA contraction so that
-# each is rounded as there; the tests require the two to agree bit for bit.
-_ADAM_KERNEL = (
-    "T g, T one_minus_beta1, T one_minus_beta2, T lr_t, T eps",
-    "T p, T m, T v",
-    """
-    m += (g - m) * one_minus_beta1;
-    v += (g * g - v) * one_minus_beta2;
-    p -= m / (sqrt(v) + eps) * lr_t;
-    """,
-    "xpnet_adam",
-    ("--fmad=false",),
-)
 
 
 class Adam(Optimizer):
@@ -178,13 +221,21 @@ class Adam(Optimizer):
         # math.sqrt keeps a Python float: a NumPy float64 would promote float32 params
         self._lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
 
+    _kernel = (
+        "T g, raw float64 h",
+        "T p, T m, T v",
+        """m += (g - m) * (T)h[0]; v += (g * g - v) * (T)h[1];
+        p -= m / (sqrt(v) + (T)h[3]) * (T)h[2];""",
+        "xpnet_adam",
+        ("--fmad=false",),
+    )
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        return (1.0 - self.beta1, 1.0 - self.beta2, self._lr_t, EPS)
+
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
         m, v = slots["m"], slots["v"]
-        if cuda_kernels_enabled(xp) and g.dtype == p.dtype:  # one kernel instead of twelve
-            elementwise_kernel(*_ADAM_KERNEL)(g, 1.0 - self.beta1, 1.0 - self.beta2,
-                                              self._lr_t, EPS, p, m, v)
-            return
         xp.subtract(g, m, out=s)
         s *= 1.0 - self.beta1
         m += s
@@ -234,12 +285,28 @@ class AdamW(Adam):
         Optimizer.__init__(self, lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, clip_norm=clip_norm)
 
+    def _decays(self, key: str) -> bool:
+        return bool(self.weight_decay) and (self.decay_filter is None or self.decay_filter(key))
+
+    def _kernel_scalars(self) -> tuple[float, ...]:
+        return (*super()._kernel_scalars(), self.lr * self.weight_decay)
+
+    def _fused_one(self, key: str, p: Array, g: Array, slots: dict[str, Array],
+                   h: Array) -> None:
+        if self._decays(key):
+            elementwise_kernel(*_DECAY_KERNEL)(h, p)
+        super()._fused_one(key, p, g, slots, h)
+
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
-        if self.weight_decay and (self.decay_filter is None or self.decay_filter(key)):
+        if self._decays(key):
             xp.multiply(p, self.lr * self.weight_decay, out=s)
             p -= s
         super()._update_one(xp, key, p, g, slots, s)
+
+
+# AdamW's decoupled decay, p -= p * (lr * weight_decay), before its Adam kernel.
+_DECAY_KERNEL = ("raw float64 h", "T p", "p -= p * (T)h[4];", "xpnet_decay", ("--fmad=false",))
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {

@@ -16,10 +16,12 @@ from xpnet.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from xpnet.train.step import TrainStep
 from xpnet.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "Trainer",
+    "TrainStep",
     "NonFiniteLossError",
     "save_checkpoint",
     "load_checkpoint",

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array backend; overrides DL_BACKEND (default: DL_BACKEND or numpy)")
     p.add_argument("--quiet", action="store_true",
                    help="print only the final test accuracy")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on the GPU, record the train step as a CUDA graph and replay it "
+                        "(faster; ignored on the CPU)")
     return p
 
 
@@ -239,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           optimizer_param=_optimizer_param(args),
                           evaluate_sample_num_per_epoch=EVAL_SAMPLES, verbose=not args.quiet,
                           checkpoint_dir=args.checkpoint_dir,
-                          checkpoint_every_steps=args.checkpoint_every, seed=args.seed)
+                          checkpoint_every_steps=args.checkpoint_every, seed=args.seed,
+                          cuda_graph=args.cuda_graph)
     except ValueError as exc:
         parser.error(str(exc))
     n_params = sum(int(p.size) for p in network.params.values())

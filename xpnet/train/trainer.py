@@ -54,6 +54,7 @@ from xpnet.train.checkpoint import (
     load_checkpoint,
     network_backend,
 )
+from xpnet.train.step import TrainStep
 
 __all__ = ["Trainer", "NonFiniteLossError"]
 
@@ -152,6 +153,10 @@ class Trainer:
         clip_norm: clip the global gradient norm to this value before each update.
         progress: True/False forces the tqdm bar on/off; None (default) shows it when
             stdout is a terminal and prints one line per epoch otherwise.
+        cuda_graph: on CuPy, record the train step as a CUDA graph and replay it
+            (:class:`xpnet.train.TrainStep`); much faster for small layers. Not with
+            ``clip_norm``, which reads the gradient norm back every step. Ignored on
+            the CPU.
     """
 
     def __init__(self, network: Any, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
@@ -163,7 +168,8 @@ class Trainer:
                  callbacks: Iterable[Any] = (), checkpoint_dir: str | Path | None = None,
                  checkpoint_every_steps: int | None = None, seed: int | None = None,
                  shuffle: bool = True, lr_schedule: Any = None, clip_norm: float | None = None,
-                 keep_checkpoints: int = 3, progress: bool | None = None) -> None:
+                 keep_checkpoints: int = 3, progress: bool | None = None,
+                 cuda_graph: bool = False) -> None:
         self.network = network
         for attr in ("params", "gradient", "accuracy", "predict"):
             if not hasattr(network, attr):
@@ -241,6 +247,12 @@ class Trainer:
             raise TypeError(f"Trainer: optimizer must be a name or an object with "
                             f"update(params, grads), got {optimizer!r}")
         self.lr_schedule = self._make_schedule(lr_schedule)
+        if cuda_graph and self.clip_norm is not None:
+            raise ValueError("Trainer: cuda_graph cannot be combined with clip_norm (the "
+                             "clipping reads the gradient norm back from the GPU every step)")
+        self.cuda_graph = bool(cuda_graph)
+        self._train_step = TrainStep(network, self.optimizer, cuda_graph=True) \
+            if self.cuda_graph else None
 
         self.rng = np.random.default_rng(seed)
         self._epoch_start_state: dict[str, Any] = self.rng.bit_generator.state
@@ -626,13 +638,18 @@ class Trainer:
                 net.last_loss = None
             except AttributeError:
                 pass
+        epoch = self.current_epoch + 1
+        step = self.current_iter + 1
+        if self._train_step is not None and get_array_module(x_batch) is not np:
+            # gradient and update recorded as one CUDA graph (no clip_norm here)
+            loss = self._train_step(x_batch, t_batch)
+            self._pending.append((step, epoch, self.position + 1, loss))
+            return self._end_step(loss)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             grads = net.gradient(x_batch, t_batch)
             loss = getattr(net, "last_loss", None)
             if loss is None:  # a network without last_loss: the book's second forward
                 loss = net.loss(x_batch, t_batch)
-        epoch = self.current_epoch + 1
-        step = self.current_iter + 1
         self._pending.append((step, epoch, self.position + 1, loss))
         if get_array_module(loss) is np:
             self._flush()  # free on the host: stop before a bad update
@@ -644,6 +661,9 @@ class Trainer:
                 self._raise_nonfinite("gradient norm", norm, step, epoch, self.position + 1)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             self.optimizer.update(net.params, grads)
+        return self._end_step(loss)
+
+    def _end_step(self, loss: Any) -> Any:
         if self.lr_schedule is not None:
             self.lr_schedule.step()
         self.current_iter += 1
