@@ -35,7 +35,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["CudaGraph", "GraphUnsafeError", "capturing", "capture_workspace", "matmul"]
+__all__ = ["CudaGraph", "GraphUnsafeError", "capturing", "capture_workspace", "matmul",
+           "matmul_nt_split_k"]
 
 T = TypeVar("T")
 
@@ -228,6 +229,48 @@ def _cublas_matmul(xp: Any, a: Any, b: Any, out: Any) -> Any:
     return target
 
 
+def matmul_nt_split_k(xp: Any, a: Any, b: Any, segment: int) -> Any:
+    """``a @ b.T`` for row-major ``a`` (M, K) and ``b`` (N, K), K split into segments.
+
+    A product with a long K and a small (M, N), as a convolution's weight gradient
+    (K = images x output pixels), gives cuBLAS too few output tiles to occupy the
+    GPU; here each ``segment`` of K is one GEMM of a strided batch (no copies), and
+    the partial products are summed.  ``segment`` must divide K.  On NumPy the
+    same sum is computed with ``matmul``; on CuPy it also works while capturing.
+    """
+    (m, k), (n, k_b) = a.shape, b.shape
+    if k != k_b or segment < 1 or k % segment:
+        raise ValueError(f"matmul_nt_split_k: K {k} (b: {k_b}) is not a multiple of the "
+                         f"segment {segment}")
+    count = k // segment
+    if xp.__name__ == "numpy":
+        parts = a.reshape(m, count, segment).transpose(1, 0, 2) @ \
+            b.reshape(n, count, segment).transpose(1, 2, 0)
+        return parts.sum(axis=0)
+    if a.dtype != b.dtype or a.dtype.char not in "fd":
+        raise TypeError(f"matmul_nt_split_k needs two float32 or two float64 arrays, got "
+                        f"{a.dtype} and {b.dtype}")
+    if a.strides[1] != a.itemsize or b.strides[1] != b.itemsize:
+        a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+    parts = xp.empty((count, m, n), dtype=a.dtype)
+    if m and n:
+        lib = _cublas()
+        handle = _cublas_handle()
+        _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(
+            xp.cuda.get_current_stream().ptr)), "cublasSetStream")
+        scalar, fn = ((ctypes.c_float, lib.cublasSgemmStridedBatched) if a.dtype.char == "f"
+                      else (ctypes.c_double, lib.cublasDgemmStridedBatched))
+        one, zero = scalar(1.0), scalar(0.0)
+        # column-major: parts[s]^T (N, M) = b_s (N, seg) @ a_s^T (seg, M), where b's
+        # memory read column-major is b^T (K, N), hence 'T', and a's is a^T, hence 'N'
+        _check(fn(handle, _OPS["T"], _OPS["N"], n, m, segment, ctypes.byref(one),
+                  ctypes.c_void_p(b.data.ptr), b.strides[0] // b.itemsize, segment,
+                  ctypes.c_void_p(a.data.ptr), a.strides[0] // a.itemsize, segment,
+                  ctypes.byref(zero), ctypes.c_void_p(parts.data.ptr), n, m * n, count),
+               "cublas strided batched gemm")
+    return parts.sum(axis=0)
+
+
 def _check(status: int, what: str) -> None:
     if status != 0:
         raise RuntimeError(f"{what} failed with cuBLAS status {status}")
@@ -263,10 +306,15 @@ def _cublas() -> Any:
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.cublasCreate_v2.argtypes = [ctypes.POINTER(vp)]
     lib.cublasSetStream_v2.argtypes = [vp, vp]
+    ll = ctypes.c_longlong
     for fn, scalar in ((lib.cublasSgemm_v2, ctypes.c_float),
                        (lib.cublasDgemm_v2, ctypes.c_double)):
         p = ctypes.POINTER(scalar)
         fn.argtypes = [vp, i, i, i, i, i, p, vp, i, vp, i, p, vp, i]
+    for fn, scalar in ((lib.cublasSgemmStridedBatched, ctypes.c_float),
+                       (lib.cublasDgemmStridedBatched, ctypes.c_double)):
+        p = ctypes.POINTER(scalar)
+        fn.argtypes = [vp, i, i, i, i, i, p, vp, i, ll, vp, i, ll, p, vp, i, ll, i]
     _lib = lib
     return lib
 
