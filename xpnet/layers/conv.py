@@ -56,6 +56,19 @@ def _weight_product(xp: Any, dout_cols: Array, col: Array, images: int, length: 
     return matmul(xp, dout_cols, col.T)
 
 
+def _bias_gradient(xp: Any, dout: Array) -> Array:
+    """dout (N, FN, OH, OW) summed over all but the channel axis.
+
+    CuPy reduces over axes (0, 2, 3) with one thread block per channel, a handful
+    of blocks for millions of numbers; on the GPU the pixels of each (image,
+    channel) are summed first (N*FN blocks), then the images.
+    """
+    if cuda_kernels_enabled(xp):
+        n, fn = dout.shape[:2]
+        return dout.reshape(n, fn, -1).sum(axis=2).sum(axis=0)
+    return dout.sum(axis=(0, 2, 3))
+
+
 def _contiguous_rows(xp: Any) -> bool | None:
     """Whole-row patch copies (the CPU's layout), unless the CuPy im2col kernel runs."""
     return False if cuda_kernels_enabled(xp) else None
@@ -162,7 +175,7 @@ class Convolution(Layer):
                     dW = product
                 else:
                     dW += product
-            return dW, dout[part].sum(axis=(0, 2, 3))
+            return dW, _bias_gradient(xp, dout[part])
 
         dW, db = sum_in_order(parallel_map(xp, weight_gradient_part,
                                            batch_slices(xp, x.shape[0])))
