@@ -229,6 +229,7 @@ def build(results: Path, output: Path) -> str:
         if extra is not None:
             lines += extra(s) + [""]
         lines += other_seeds(results / name, s)
+        lines += gpu_runs(results / name)
         for note in s.get("notes", []):
             lines += [f"Note: {note}", ""]
         for fig in s["figures"]:
@@ -250,6 +251,33 @@ def other_seeds(folder: Path, main: dict) -> list[str]:
         for key, c in r["checks"].items():
             lines.append(f"| {r['seed']} | {key} | {cell(format_numbers(c['numbers']))} | "
                          f"{verdict(c['holds'])} | {duration(r['wall_time_s'])} |")
+    return lines + [""]
+
+
+def gpu_runs(folder: Path) -> list[str]:
+    """Rows for ``gpu_seed<N>_summary.json``: the same experiment run on a GPU."""
+    paths = sorted(folder.glob("gpu_seed*_summary.json"))
+    if not paths:
+        return []
+    runs = [json.loads(p.read_text()) for p in paths]
+    devices = sorted({r["environment"].get("device", "?") for r in runs})
+    commands = sorted({r["environment"].get("command", "?") for r in runs})
+    lines = [f"The same run on a GPU ({', '.join(devices)}; backend "
+             f"`{runs[0]['environment'].get('backend', '?')}`; command of the first: "
+             f"`{commands[0]}`):", "",
+             "| seed | check | numbers | verdict | training | wall time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        train = r["results"].get("train_seconds")
+        for key, c in r["checks"].items():
+            lines.append(f"| {r['seed']} | {key} | {cell(format_numbers(c['numbers']))} | "
+                         f"{verdict(c['holds'])} | "
+                         f"{duration(train) if train is not None else '-'} | "
+                         f"{duration(r['wall_time_s'])} |")
+    accs = [r["results"]["final_test_acc"] for r in runs if "final_test_acc" in r["results"]]
+    if accs:
+        lines += ["", f"Mean final test accuracy over these {len(accs)} GPU runs: "
+                  f"**{100 * sum(accs) / len(accs):.2f} %**."]
     return lines + [""]
 
 
