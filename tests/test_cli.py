@@ -118,3 +118,19 @@ def test_resume_into_another_model_fails_cleanly(tmp_path, capsys):
                      "--checkpoint-dir", ck, "--resume"]) == 1
     err = capsys.readouterr().err
     assert "cannot resume" in err and "gamma1" in err and "MultiLayerNet" in err
+
+
+def test_cuda_graph_flag(xp, capsys):
+    """--cuda-graph replays the step as a CUDA graph on CuPy and changes nothing on NumPy."""
+    name = xp.__name__
+    args = [*TINY, "--limit-train", "600", "--backend", name, "--seed", "1"]
+    accs = []
+    for extra in ([], ["--cuda-graph"]):
+        assert cli.main([*args, *extra]) == 0
+        match = ACC_LINE.search(capsys.readouterr().out)
+        assert match, "no test accuracy line"
+        accs.append(float(match.group(1)))
+    if name == "numpy":
+        assert accs[0] == accs[1]
+    else:  # the same training; cuBLAS may round the recorded GEMMs differently
+        assert abs(accs[0] - accs[1]) <= 1.0 and min(accs) >= 50.0
