@@ -60,15 +60,20 @@ def _operand(xp, rng, shape, layout):
         return xp.asarray(rng.standard_normal((r, c + 4)))[:, 1:1 + c]
     if layout == "strided":  # neither rows nor columns contiguous: copied first
         return xp.asarray(rng.standard_normal((2 * r, 2 * c)))[::2, ::2]
+    if layout == "reversed":  # a negative row stride: copied first
+        return xp.asarray(rng.standard_normal((r + 2, c)))[::-1][:r]
+    if layout == "broadcast":  # a zero row stride: copied first
+        return xp.broadcast_to(xp.asarray(rng.standard_normal((1, c))), (r, c))
     raise AssertionError(layout)
 
 
-LAYOUTS = ["c", "t", "rows", "pitch", "strided"]
+LAYOUTS = ["c", "t", "rows", "pitch", "strided", "reversed", "broadcast"]
 
 
 @pytest.mark.parametrize("la", LAYOUTS)
 @pytest.mark.parametrize("lb", LAYOUTS)
-@pytest.mark.parametrize("m, k, n", [(5, 3, 4), (1, 6, 2), (4, 1, 3), (3, 5, 1)])
+@pytest.mark.parametrize("m, k, n", [(5, 3, 4), (1, 6, 2), (4, 1, 3), (3, 5, 1), (1, 1, 1),
+                                     (0, 3, 2), (2, 0, 3)])
 def test_captured_gemm_layouts(xp, rng, la, lb, m, k, n):
     a = _operand(xp, rng, (m, k), la)
     b = _operand(xp, rng, (k, n), lb)
@@ -205,7 +210,8 @@ def test_trainer_refuses_cuda_graph_with_clip_norm(xp, rng):
         Trainer(_extend("float32"), x, t, x, t, clip_norm=1.0, cuda_graph=True)
 
 
-@pytest.mark.parametrize("m, n, k, segment", [(4, 9, 60, 12), (16, 3, 40, 40), (1, 5, 24, 1)])
+@pytest.mark.parametrize("m, n, k, segment", [(4, 9, 60, 12), (16, 3, 40, 40), (1, 5, 24, 1),
+                                              (4, 1, 24, 6)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_split_k_product(xp, rng, m, n, k, segment, dtype):
     a = xp.asarray(rng.standard_normal((m, k)).astype(dtype))
@@ -239,3 +245,23 @@ def test_captured_products_replay_with_new_inputs(xp, rng):
         ah, bh, wh = to_numpy(a), to_numpy(b), to_numpy(w)
         for got, want in zip(recorded, (ah @ wh, ah @ bh.T, ah @ bh.T), strict=True):
             np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_turning_kernels_off_after_recording_runs_eagerly(xp, rng):
+    """The recording reads scalars the kernels-off path no longer writes: not replayed."""
+    batches = _data(xp, rng, 6, (784,), 4)
+    results = []
+    for cuda_graph in (False, True):
+        seed(0)
+        net, opt = _extend("float64"), Adam()
+        step = TrainStep(net, opt, cuda_graph=cuda_graph)
+        losses = [float(step(*batches[0])), float(step(*batches[1]))]
+        with use_cuda_kernels(False):
+            losses += [float(step(*batches[2]))]
+            assert not step.graphed
+        losses += [float(step(*batches[3]))]
+        results.append((losses, {k: to_numpy(p) for k, p in net.params.items()}))
+    (loss_e, params_e), (loss_g, params_g) = results
+    np.testing.assert_allclose(loss_g, loss_e, rtol=1e-10)
+    for key in params_e:
+        np.testing.assert_allclose(params_g[key], params_e[key], rtol=1e-9, atol=1e-12)

@@ -693,3 +693,17 @@ def test_book_defaults(name):
                 "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999},
                 "adamw": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01}}
     assert get_optimizer(name).hyper() == {**defaults[name], "clip_norm": None}
+
+
+def test_subclass_with_its_own_rule_is_not_run_by_the_parents_kernel(xp):
+    """A subclass changing the update rule without a kernel of its own must not inherit
+    the parent's fused CuPy kernel: its own rule runs on every backend."""
+
+    class DoubleStepSGD(SGD):
+        def _update_one(self, xp_, key, p, g, slots, s):
+            p -= 2 * self.lr * g
+
+    assert SGD._kernel is not None and DoubleStepSGD._kernel is None
+    params = {"W": xp.ones(4)}
+    DoubleStepSGD(lr=0.5).update(params, {"W": xp.ones(4)})
+    np.testing.assert_array_equal(to_cpu(params["W"]), np.zeros(4))

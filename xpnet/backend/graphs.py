@@ -147,16 +147,24 @@ def gemm_operand(shape: tuple[int, int], strides: tuple[int, int],
 
     Returns ``('N', ld)`` when rows are contiguous (the column-major view is the
     transpose, which is what the swapped product below needs), ``('T', ld)`` when
-    columns are, and None when neither (the caller copies it first).
+    columns are, and None when neither (the caller copies it first).  The stride of
+    an axis of length 1 is never used, so it does not matter; an empty operand is
+    never read.
     """
     r, c = shape
-    s0, s1 = (s // itemsize for s in strides)
-    if any(s % itemsize for s in strides) or s0 < 0 or s1 < 0:
+    if r == 0 or c == 0:
+        return "N", max(c, 1)
+    if any(s % itemsize for s in strides):
         return None
-    if (s1 == 1 or c == 1) and (r == 1 or s0 >= c):
-        return "N", max(s0 if r > 1 else c, c, 1)
-    if (s0 == 1 or r == 1) and (c == 1 or s1 >= r):
-        return "T", max(s1 if c > 1 else r, r, 1)
+    s0, s1 = (s // itemsize for s in strides)
+    if c == 1:
+        s1 = 1
+    if r == 1:
+        return ("N", c) if s1 == 1 else (("T", s1) if s1 > 0 else None)
+    if s1 == 1 and s0 >= c:
+        return "N", s0
+    if s0 == 1 and s1 >= r:
+        return "T", s1
     return None
 
 
@@ -250,8 +258,11 @@ def matmul_nt_split_k(xp: Any, a: Any, b: Any, segment: int) -> Any:
     if a.dtype != b.dtype or a.dtype.char not in "fd":
         raise TypeError(f"matmul_nt_split_k needs two float32 or two float64 arrays, got "
                         f"{a.dtype} and {b.dtype}")
-    if a.strides[1] != a.itemsize or b.strides[1] != b.itemsize:
-        a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+    # rows contiguous, each at least K apart (the leading dimension cuBLAS needs)
+    a, b = (x if x.shape[0] == 1 and x.strides[1] == x.itemsize
+            or x.strides[1] == x.itemsize and x.strides[0] >= k * x.itemsize
+            else xp.ascontiguousarray(x) for x in (a, b))
+    ld_a, ld_b = (k if x.shape[0] == 1 else x.strides[0] // x.itemsize for x in (a, b))
     parts = xp.empty((count, m, n), dtype=a.dtype)
     if m and n:
         lib = _cublas()
@@ -264,8 +275,8 @@ def matmul_nt_split_k(xp: Any, a: Any, b: Any, segment: int) -> Any:
         # column-major: parts[s]^T (N, M) = b_s (N, seg) @ a_s^T (seg, M), where b's
         # memory read column-major is b^T (K, N), hence 'T', and a's is a^T, hence 'N'
         _check(fn(handle, _OPS["T"], _OPS["N"], n, m, segment, ctypes.byref(one),
-                  ctypes.c_void_p(b.data.ptr), b.strides[0] // b.itemsize, segment,
-                  ctypes.c_void_p(a.data.ptr), a.strides[0] // a.itemsize, segment,
+                  ctypes.c_void_p(b.data.ptr), ld_b, segment,
+                  ctypes.c_void_p(a.data.ptr), ld_a, segment,
                   ctypes.byref(zero), ctypes.c_void_p(parts.data.ptr), n, m * n, count),
                "cublas strided batched gemm")
     return parts.sum(axis=0)

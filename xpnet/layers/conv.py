@@ -48,7 +48,8 @@ SPLIT_K_MIN = 1 << 15
 
 def _weight_product(xp: Any, dout_cols: Array, col: Array, images: int, length: int) -> Array:
     """dout_cols @ col.T, split along K on the GPU (see SPLIT_K_SEGMENT)."""
-    if cuda_kernels_enabled(xp) and images * length >= SPLIT_K_MIN:
+    if (cuda_kernels_enabled(xp) and images * length >= SPLIT_K_MIN
+            and dout_cols.dtype == col.dtype and col.dtype.char in "fd"):
         per = max([d for d in range(1, images + 1)
                    if images % d == 0 and d * length <= SPLIT_K_SEGMENT] or [1])
         if images // per > 1:

@@ -103,6 +103,15 @@ class Optimizer:
 
     clip_norm: float | None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass that changes the update rule without giving its own kernel must
+        # not inherit its parent's: it would silently run the parent's rule on CuPy.
+        super().__init_subclass__(**kwargs)
+        changes_rule = any(name in cls.__dict__ for name in
+                           ("_update_one", "_begin_step", "_kernel_scalars", "_fused_one"))
+        if changes_rule and "_kernel" not in cls.__dict__:
+            cls._kernel = None
+
     def __init__(self, *, clip_norm: float | None = None, **hyper: float) -> None:
         """``hyper`` holds a value for each of ``hyper_names`` (at least ``lr``)."""
         hyper = {**hyper, "clip_norm": clip_norm}
@@ -203,11 +212,20 @@ class Optimizer:
         self.step_count += 1
         self._begin_step()
         self._scalars_version += 1
-        if params is not None:
-            for p in params.values():
-                if self._kernel is not None and cuda_kernels_enabled(get_array_module(p)):
-                    self._device_scalars(p)
-                break
+        if params is not None and self._device_scalars_at:
+            # whenever the device array exists: a recording reads it, even if the
+            # kernels have been turned off since it was made
+            p = next(iter(params.values()), None)
+            if (p is not None and get_array_module(p).__name__ == "cupy"
+                    and p.device.id in self._device_scalars_at):
+                self._device_scalars(p)
+
+    def recording_key(self) -> tuple:
+        """What a recorded step's kernels depend on beyond the arrays and the scalars.
+
+        A recorder (:class:`xpnet.train.TrainStep`) records again when this changes.
+        """
+        return (type(self), self.clip_norm is not None, self._kernel is not None)
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         """This step's scalars for ``_kernel`` (``h[0]``, ``h[1]``, ...), at most 8."""

@@ -285,6 +285,11 @@ class AdamW(Adam):
         Optimizer.__init__(self, lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, clip_norm=clip_norm)
 
+    _kernel = Adam._kernel  # plus _DECAY_KERNEL, in _fused_one
+
+    def recording_key(self) -> tuple:
+        return (*super().recording_key(), bool(self.weight_decay), self.decay_filter)
+
     def _decays(self, key: str) -> bool:
         return bool(self.weight_decay) and (self.decay_filter is None or self.decay_filter(key))
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from xpnet.backend import get_array_module, get_rng
 from xpnet.backend.graphs import CudaGraph
+from xpnet.backend.kernels import cuda_kernels_enabled
 
 Array = Any
 
@@ -22,6 +23,7 @@ class _Recorded:
     loss: Array  # the loss each replay writes
     owned: tuple  # arrays of the network and optimizer that the recording uses
     rng: Any
+    key: tuple  # the optimizer's recording_key()
 
 
 class TrainStep:
@@ -59,6 +61,11 @@ class TrainStep:
         self.graphed = False  # whether the last call recorded or replayed a graph
         self._graphs: dict[tuple, _Recorded] = {}
         self._unrecordable: str | None = None
+        # Pools of dropped recordings.  Arrays from them can outlive the recording (a
+        # layer's cached input, the warm-up's gradients), and some CuPy versions free
+        # a pool's memory with the pool, in use or not: they are kept, emptied of
+        # their unused blocks.
+        self._retired: list[Any] = []
 
     def __call__(self, x: Array, t: Array) -> Array:
         if not self._graph_wanted(x, t):
@@ -67,7 +74,7 @@ class TrainStep:
         key = (x.shape, x.dtype.str, t.shape, t.dtype.str, x.device.id)
         rec = self._graphs.get(key)
         if rec is not None and not self._still_valid(rec):
-            del self._graphs[key]
+            self._retire(self._graphs.pop(key).graph)
             rec = None
         if rec is None:
             return self._record(key, x, t)
@@ -79,12 +86,15 @@ class TrainStep:
         return rec.loss.copy()  # the next replay overwrites rec.loss
 
     def reset(self) -> None:
-        """Drop the recordings (and their memory); the next call records again."""
+        """Drop the recordings (and their unused memory); the next call records again."""
+        for rec in self._graphs.values():
+            self._retire(rec.graph)
         self._graphs.clear()
 
     def memory_bytes(self) -> int:
         """GPU memory held by the recordings' private pools."""
-        return sum(rec.graph.memory_bytes() for rec in self._graphs.values())
+        return (sum(rec.graph.memory_bytes() for rec in self._graphs.values())
+                + sum(int(pool.total_bytes()) for pool in self._retired))
 
     # ---------------------------------------------------------------- internals
     def _eager(self, x: Array, t: Array) -> Array:
@@ -100,7 +110,8 @@ class TrainStep:
         if not self.cuda_graph or self._unrecordable is not None:
             return False
         xp = get_array_module(x)
-        return xp.__name__ == "cupy" and get_array_module(t) is xp
+        return xp.__name__ == "cupy" and get_array_module(t) is xp \
+            and cuda_kernels_enabled(xp)
 
     def _owned(self) -> tuple:
         """The arrays of the network and optimizer that a recording reads or writes."""
@@ -114,32 +125,42 @@ class TrainStep:
     def _still_valid(self, rec: _Recorded) -> bool:
         owned = self._owned()
         return (len(owned) == len(rec.owned) and get_rng("cupy") is rec.rng
+                and self.optimizer.recording_key() == rec.key
                 and all(a is b for a, b in zip(owned, rec.owned, strict=True)))
+
+    def _retire(self, graph: CudaGraph) -> None:
+        graph.pool.free_all_blocks()
+        self._retired.append(graph.pool)
 
     def _give_up(self, why: str) -> None:
         self._unrecordable = why
         warnings.warn(f"TrainStep: the step cannot be recorded as a CUDA graph ({why}); "
                       "it runs eagerly", RuntimeWarning, stacklevel=3)
 
-    def _record(self, key: tuple, x: Array, t: Array) -> Array:
+    def _record(self, shape_key: tuple, x: Array, t: Array) -> Array:
         net, opt = self.network, self.optimizer
-        if not (hasattr(opt, "advance_step") and hasattr(opt, "prepare")):
+        if not all(hasattr(opt, a) for a in ("advance_step", "prepare", "recording_key")):
             self._give_up("the optimizer is not an xpnet optimizer")
             return self._eager(x, t)
         if getattr(opt, "clip_norm", None) is not None:
             self._give_up("the optimizer clips the gradient norm, which reads it back")
             return self._eager(x, t)
         if len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
-        opt.prepare(net.params)  # long-lived state: not from the recording's memory
+            self._retire(self._graphs.pop(next(iter(self._graphs))).graph)
+        # long-lived state (optimizer slots, the random source) not from the recording's
+        # memory
+        opt.prepare(net.params)
+        rng = get_rng("cupy")
         graph = CudaGraph()
         with graph.private():
             xs, ts = x.copy(), t.copy()
             loss = self._eager(xs, ts)  # a real step, which also compiles and allocates
+        loss = loss.copy()  # the caller's copy, outside the recording's memory
         if getattr(net, "last_loss", None) is None:
+            self._retire(graph)
             self._give_up("the network does not keep last_loss")
             return loss
-        owned, rng = self._owned(), get_rng("cupy")
+        owned, key = self._owned(), opt.recording_key()
 
         def step() -> Array:
             opt.update(net.params, net.gradient(xs, ts))
@@ -148,8 +169,9 @@ class TrainStep:
         try:
             rec_loss = graph.capture(step)
         except Exception as exc:  # noqa: BLE001 - reported, then the step runs eagerly
+            self._retire(graph)
             self._give_up(f"{type(exc).__name__}: {exc}")
             return loss
-        self._graphs[key] = _Recorded(graph, xs, ts, rec_loss, owned, rng)
+        self._graphs[shape_key] = _Recorded(graph, xs, ts, rec_loss, owned, rng, key)
         self.graphed = True
         return loss
