@@ -35,12 +35,16 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["CudaGraph", "GraphUnsafeError", "capturing", "capture_workspace", "matmul",
-           "matmul_nt_split_k"]
+__all__ = ["CudaGraph", "GraphFallbackWarning", "GraphUnsafeError", "capturing",
+           "capture_workspace", "matmul", "matmul_nt_split_k"]
 
 T = TypeVar("T")
 
 _state = threading.local()  # .capturing (bool), .workspace (dict or None)
+
+
+class GraphFallbackWarning(UserWarning):
+    """A step asked to run as a CUDA graph runs eagerly instead (the message says why)."""
 
 
 class GraphUnsafeError(RuntimeError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xpnet.backend import get_array_module, get_rng
-from xpnet.backend.graphs import CudaGraph
+from xpnet.backend.graphs import CudaGraph, GraphFallbackWarning
 from xpnet.backend.kernels import cuda_kernels_enabled
 
 Array = Any
@@ -48,8 +48,11 @@ class TrainStep:
     check the labels beforehand (the Trainer checks all of them once).
 
     A step that cannot be recorded (gradient clipping in the optimizer, which
-    reads the norm back; the CuPy kernels turned off; a network without
-    ``last_loss``) runs eagerly, with one warning.
+    reads the norm back; a network without ``last_loss``) runs eagerly from then
+    on, with one :class:`~xpnet.backend.graphs.GraphFallbackWarning`.  While the
+    CuPy kernels are turned off (``XPNET_CUDA_KERNELS=0``, ``use_cuda_kernels``)
+    steps run eagerly too, with one warning, and recording resumes when they are
+    back on.
     """
 
     def __init__(self, network: Any, optimizer: Any, cuda_graph: bool = False,
@@ -61,6 +64,7 @@ class TrainStep:
         self.graphed = False  # whether the last call recorded or replayed a graph
         self._graphs: dict[tuple, _Recorded] = {}
         self._unrecordable: str | None = None
+        self._warned_kernels_off = False
         # Pools of dropped recordings.  Arrays from them can outlive the recording (a
         # layer's cached input, the warm-up's gradients), and some CuPy versions free
         # a pool's memory with the pool, in use or not: they are kept, emptied of
@@ -110,8 +114,16 @@ class TrainStep:
         if not self.cuda_graph or self._unrecordable is not None:
             return False
         xp = get_array_module(x)
-        return xp.__name__ == "cupy" and get_array_module(t) is xp \
-            and cuda_kernels_enabled(xp)
+        if xp.__name__ != "cupy" or get_array_module(t) is not xp:
+            return False
+        if not cuda_kernels_enabled(xp):  # the optimizers' scalars would not be on the GPU
+            if not self._warned_kernels_off:
+                self._warned_kernels_off = True
+                warnings.warn("TrainStep: the CuPy kernels are turned off (XPNET_CUDA_KERNELS=0 "
+                              "or use_cuda_kernels(False)), so steps run eagerly, not as a "
+                              "CUDA graph", GraphFallbackWarning, stacklevel=3)
+            return False
+        return True
 
     def _owned(self) -> tuple:
         """The arrays of the network and optimizer that a recording reads or writes."""
@@ -135,7 +147,7 @@ class TrainStep:
     def _give_up(self, why: str) -> None:
         self._unrecordable = why
         warnings.warn(f"TrainStep: the step cannot be recorded as a CUDA graph ({why}); "
-                      "it runs eagerly", RuntimeWarning, stacklevel=3)
+                      "it runs eagerly", GraphFallbackWarning, stacklevel=3)
 
     def _record(self, shape_key: tuple, x: Array, t: Array) -> Array:
         net, opt = self.network, self.optimizer
