@@ -224,17 +224,10 @@ def _cublas_matmul(xp: Any, a: Any, b: Any, out: Any) -> Any:
         if k == 0:
             target.fill(0)
         else:
-            lib = _cublas()
-            handle = _cublas_handle()
-            _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(
-                xp.cuda.get_current_stream().ptr)), "cublasSetStream")
-            scalar, fn = ((ctypes.c_float, lib.cublasSgemm_v2) if a.dtype.char == "f"
-                          else (ctypes.c_double, lib.cublasDgemm_v2))
-            one, zero = scalar(1.0), scalar(0.0)
-            _check(fn(handle, _OPS[op_b], _OPS[op_a], n, m, k, ctypes.byref(one),
+            handle, fn, one, zero = _cublas_routine(xp, a.dtype, "gemm_v2")
+            _check(fn(handle, _OPS[op_b], _OPS[op_a], n, m, k, one,
                       ctypes.c_void_p(b.data.ptr), ld_b, ctypes.c_void_p(a.data.ptr), ld_a,
-                      ctypes.byref(zero), ctypes.c_void_p(target.data.ptr), ld_out),
-                   "cublas gemm")
+                      zero, ctypes.c_void_p(target.data.ptr), ld_out), "cublas gemm")
     if out is not None and target is not out:
         xp.copyto(out, target)
         return out
@@ -269,21 +262,27 @@ def matmul_nt_split_k(xp: Any, a: Any, b: Any, segment: int) -> Any:
     ld_a, ld_b = (k if x.shape[0] == 1 else x.strides[0] // x.itemsize for x in (a, b))
     parts = xp.empty((count, m, n), dtype=a.dtype)
     if m and n:
-        lib = _cublas()
-        handle = _cublas_handle()
-        _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(
-            xp.cuda.get_current_stream().ptr)), "cublasSetStream")
-        scalar, fn = ((ctypes.c_float, lib.cublasSgemmStridedBatched) if a.dtype.char == "f"
-                      else (ctypes.c_double, lib.cublasDgemmStridedBatched))
-        one, zero = scalar(1.0), scalar(0.0)
+        handle, fn, one, zero = _cublas_routine(xp, a.dtype, "gemmStridedBatched")
         # column-major: parts[s]^T (N, M) = b_s (N, seg) @ a_s^T (seg, M), where b's
         # memory read column-major is b^T (K, N), hence 'T', and a's is a^T, hence 'N'
-        _check(fn(handle, _OPS["T"], _OPS["N"], n, m, segment, ctypes.byref(one),
+        _check(fn(handle, _OPS["T"], _OPS["N"], n, m, segment, one,
                   ctypes.c_void_p(b.data.ptr), ld_b, segment,
                   ctypes.c_void_p(a.data.ptr), ld_a, segment,
-                  ctypes.byref(zero), ctypes.c_void_p(parts.data.ptr), n, m * n, count),
+                  zero, ctypes.c_void_p(parts.data.ptr), n, m * n, count),
                "cublas strided batched gemm")
     return parts.sum(axis=0)
+
+
+def _cublas_routine(xp: Any, dtype: Any, name: str) -> tuple:
+    """(xpnet's handle, set to the current stream; cuBLAS's S or D ``name`` for
+    ``dtype``; the scalars 1 and 0 by reference) for one call."""
+    lib = _cublas()
+    handle = _cublas_handle()
+    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(xp.cuda.get_current_stream().ptr)),
+           "cublasSetStream")
+    scalar = ctypes.c_float if dtype.char == "f" else ctypes.c_double
+    fn = getattr(lib, f"cublas{'S' if dtype.char == 'f' else 'D'}{name}")
+    return handle, fn, ctypes.byref(scalar(1.0)), ctypes.byref(scalar(0.0))
 
 
 def _check(status: int, what: str) -> None:

@@ -37,19 +37,21 @@ __all__ = [
 EPS = 1e-7  # the book's epsilon in AdaGrad, RMSprop and Adam
 
 
+def _update_kernel(name: str, body: str, *slots: str) -> tuple:
+    """``elementwise_kernel`` arguments of an update: in ``T g, raw float64 h`` (the
+    gradient and this step's scalars), out ``T p`` and one ``T <slot>`` per state
+    array; compiled without FMA contraction, so that it rounds as the generic path."""
+    out = ", ".join(["T p", *(f"T {slot}" for slot in slots)])
+    return "T g, raw float64 h", out, body, f"xpnet_{name}", ("--fmad=false",)
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent: ``p -= lr * g``."""
 
     def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, clip_norm=clip_norm)
 
-    _kernel = (
-        "T g, raw float64 h",
-        "T p",
-        """p -= g * (T)h[0];""",
-        "xpnet_sgd",
-        ("--fmad=false",),
-    )
+    _kernel = _update_kernel("sgd", "p -= g * (T)h[0];")
 
     def _update_one(self, xp: ModuleType, key: str, p: Array, g: Array,
                     slots: dict[str, Array], s: Array) -> None:
@@ -69,13 +71,7 @@ class Momentum(Optimizer):
                  clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
 
-    _kernel = (
-        "T g, raw float64 h",
-        "T p, T v",
-        """v = v * (T)h[0]; v -= g * (T)h[1]; p += v;""",
-        "xpnet_momentum",
-        ("--fmad=false",),
-    )
+    _kernel = _update_kernel("momentum", "v = v * (T)h[0]; v -= g * (T)h[1]; p += v;", "v")
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         return (self.momentum, self.lr)
@@ -104,13 +100,8 @@ class Nesterov(Optimizer):
                  clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
 
-    _kernel = (
-        "T g, raw float64 h",
-        "T p, T v",
-        """v = v * (T)h[0]; v -= g * (T)h[1]; p += v * (T)h[2]; p -= g * (T)h[3];""",
-        "xpnet_nesterov",
-        ("--fmad=false",),
-    )
+    _kernel = _update_kernel(
+        "nesterov", "v = v * (T)h[0]; v -= g * (T)h[1]; p += v * (T)h[2]; p -= g * (T)h[3];", "v")
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         mu, lr = self.momentum, self.lr
@@ -136,13 +127,8 @@ class AdaGrad(Optimizer):
     def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, clip_norm=clip_norm)
 
-    _kernel = (
-        "T g, raw float64 h",
-        "T p, T hh",
-        """hh += g * g; p -= g / (sqrt(hh) + (T)h[1]) * (T)h[0];""",
-        "xpnet_adagrad",
-        ("--fmad=false",),
-    )
+    _kernel = _update_kernel(
+        "adagrad", "hh += g * g; p -= g / (sqrt(hh) + (T)h[1]) * (T)h[0];", "hh")
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         return (self.lr, EPS)
@@ -167,13 +153,10 @@ class RMSprop(Optimizer):
                  clip_norm: float | None = None) -> None:
         super().__init__(lr=lr, decay_rate=decay_rate, clip_norm=clip_norm)
 
-    _kernel = (
-        "T g, raw float64 h",
-        "T p, T hh",
-        """hh = hh * (T)h[0]; hh += g * (T)h[1] * g; p -= g / (sqrt(hh) + (T)h[3]) * (T)h[2];""",
-        "xpnet_rmsprop",
-        ("--fmad=false",),
-    )
+    _kernel = _update_kernel(
+        "rmsprop",
+        "hh = hh * (T)h[0]; hh += g * (T)h[1] * g; p -= g / (sqrt(hh) + (T)h[3]) * (T)h[2];",
+        "hh")
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         return (self.decay_rate, 1.0 - self.decay_rate, self.lr, EPS)
@@ -221,14 +204,11 @@ class Adam(Optimizer):
         # math.sqrt keeps a Python float: a NumPy float64 would promote float32 params
         self._lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
 
-    _kernel = (
-        "T g, raw float64 h",
-        "T p, T m, T v",
-        """m += (g - m) * (T)h[0]; v += (g * g - v) * (T)h[1];
-        p -= m / (sqrt(v) + (T)h[3]) * (T)h[2];""",
-        "xpnet_adam",
-        ("--fmad=false",),
-    )
+    _kernel = _update_kernel(
+        "adam",
+        "m += (g - m) * (T)h[0]; v += (g * g - v) * (T)h[1];"
+        " p -= m / (sqrt(v) + (T)h[3]) * (T)h[2];",
+        "m", "v")
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         return (1.0 - self.beta1, 1.0 - self.beta2, self._lr_t, EPS)
