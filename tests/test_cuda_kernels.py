@@ -13,7 +13,6 @@ from tests.conftest import to_numpy
 from xpnet.backend import seed
 from xpnet.backend.kernels import cuda_kernels_enabled, use_cuda_kernels
 from xpnet.layers import Convolution, Pooling, cuda_kernels
-from xpnet.layers import conv as conv_module
 from xpnet.layers.im2col import fill_cols, geometry, pad_into
 from xpnet.models import SimpleConvNet
 from xpnet.optim import SGD, AdaGrad, Adam, AdamW, Momentum, Nesterov, RMSprop
@@ -62,26 +61,6 @@ def test_convolution_with_kernels_matches_generic(gpu_xp, rng, stride, pad):
         y = layer.forward(x)
         dx = layer.backward(xp.asarray(np.linspace(-1, 1, y.size).reshape(y.shape)))
         return y, dx, layer.grads["W"], layer.grads["b"]
-
-    generic, kernel = both_paths(run)
-    for g, k in zip(generic, kernel, strict=True):
-        np.testing.assert_allclose(k, g, rtol=1e-12, atol=1e-12)
-
-
-def test_convolution_split_k_weight_gradient_matches_generic(gpu_xp, rng, monkeypatch):
-    """The weight gradient as a strided batch of GEMMs over groups of two images."""
-    xp = gpu_xp
-    monkeypatch.setattr(conv_module, "SPLIT_K_MIN", 1)
-    monkeypatch.setattr(conv_module, "SPLIT_K_SEGMENT", 2 * 7 * 7)  # 2 images of 7x7
-    W = xp.asarray(rng.standard_normal((4, 3, 3, 3)))
-    b = xp.asarray(rng.standard_normal(4))
-    x = xp.asarray(rng.standard_normal((6, 3, 7, 7)))
-
-    def run():
-        layer = Convolution(W, b, 1, 1)
-        y = layer.forward(x)
-        layer.backward(xp.asarray(np.linspace(-1, 1, y.size).reshape(y.shape)))
-        return layer.grads["W"], layer.grads["b"]
 
     generic, kernel = both_paths(run)
     for g, k in zip(generic, kernel, strict=True):

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 __all__ = ["CudaGraph", "GraphFallbackWarning", "GraphUnsafeError", "capturing",
-           "capture_workspace", "matmul", "matmul_nt_split_k"]
+           "capture_workspace", "matmul"]
 
 T = TypeVar("T")
 
@@ -234,45 +234,6 @@ def _cublas_matmul(xp: Any, a: Any, b: Any, out: Any) -> Any:
     return target
 
 
-def matmul_nt_split_k(xp: Any, a: Any, b: Any, segment: int) -> Any:
-    """``a @ b.T`` for row-major ``a`` (M, K) and ``b`` (N, K), K split into segments.
-
-    A product with a long K and a small (M, N), as a convolution's weight gradient
-    (K = images x output pixels), gives cuBLAS too few output tiles to occupy the
-    GPU; here each ``segment`` of K is one GEMM of a strided batch (no copies), and
-    the partial products are summed.  ``segment`` must divide K.  On NumPy the
-    same sum is computed with ``matmul``; on CuPy it also works while capturing.
-    """
-    (m, k), (n, k_b) = a.shape, b.shape
-    if k != k_b or segment < 1 or k % segment:
-        raise ValueError(f"matmul_nt_split_k: K {k} (b: {k_b}) is not a multiple of the "
-                         f"segment {segment}")
-    count = k // segment
-    if xp.__name__ == "numpy":
-        parts = a.reshape(m, count, segment).transpose(1, 0, 2) @ \
-            b.reshape(n, count, segment).transpose(1, 2, 0)
-        return parts.sum(axis=0)
-    if a.dtype != b.dtype or a.dtype.char not in "fd":
-        raise TypeError(f"matmul_nt_split_k needs two float32 or two float64 arrays, got "
-                        f"{a.dtype} and {b.dtype}")
-    # rows contiguous, each at least K apart (the leading dimension cuBLAS needs)
-    a, b = (x if x.shape[0] == 1 and x.strides[1] == x.itemsize
-            or x.strides[1] == x.itemsize and x.strides[0] >= k * x.itemsize
-            else xp.ascontiguousarray(x) for x in (a, b))
-    ld_a, ld_b = (k if x.shape[0] == 1 else x.strides[0] // x.itemsize for x in (a, b))
-    parts = xp.empty((count, m, n), dtype=a.dtype)
-    if m and n:
-        handle, fn, one, zero = _cublas_routine(xp, a.dtype, "gemmStridedBatched")
-        # column-major: parts[s]^T (N, M) = b_s (N, seg) @ a_s^T (seg, M), where b's
-        # memory read column-major is b^T (K, N), hence 'T', and a's is a^T, hence 'N'
-        _check(fn(handle, _OPS["T"], _OPS["N"], n, m, segment, one,
-                  ctypes.c_void_p(b.data.ptr), ld_b, segment,
-                  ctypes.c_void_p(a.data.ptr), ld_a, segment,
-                  zero, ctypes.c_void_p(parts.data.ptr), n, m * n, count),
-               "cublas strided batched gemm")
-    return parts.sum(axis=0)
-
-
 def _cublas_routine(xp: Any, dtype: Any, name: str) -> tuple:
     """(xpnet's handle, set to the current stream; cuBLAS's S or D ``name`` for
     ``dtype``; the scalars 1 and 0 by reference) for one call."""
@@ -320,15 +281,10 @@ def _cublas() -> Any:
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.cublasCreate_v2.argtypes = [ctypes.POINTER(vp)]
     lib.cublasSetStream_v2.argtypes = [vp, vp]
-    ll = ctypes.c_longlong
     for fn, scalar in ((lib.cublasSgemm_v2, ctypes.c_float),
                        (lib.cublasDgemm_v2, ctypes.c_double)):
         p = ctypes.POINTER(scalar)
         fn.argtypes = [vp, i, i, i, i, i, p, vp, i, vp, i, p, vp, i]
-    for fn, scalar in ((lib.cublasSgemmStridedBatched, ctypes.c_float),
-                       (lib.cublasDgemmStridedBatched, ctypes.c_double)):
-        p = ctypes.POINTER(scalar)
-        fn.argtypes = [vp, i, i, i, i, i, p, vp, i, ll, vp, i, ll, p, vp, i, ll, i]
     _lib = lib
     return lib
 

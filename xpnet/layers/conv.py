@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xpnet.backend.graphs import matmul, matmul_nt_split_k
+from xpnet.backend.graphs import matmul
 from xpnet.backend.kernels import cuda_kernels_enabled
 from xpnet.backend.threads import batch_slices, parallel_map, sum_in_order
 from xpnet.layers import cuda_kernels
@@ -36,25 +36,6 @@ def _chunk_ranges(xp: Any, part: slice, g, dtype: Any):
     step = chunk_size(xp, part.stop - part.start, g.ckk * g.length * dtype.itemsize)
     for start in range(part.start, part.stop, step):
         yield start, min(part.stop, start + step)
-
-
-# The weight gradient dout_cols (FN, K) @ col.T (K, C*KH*KW) has K = images x output
-# pixels, hundreds of thousands on a large batch, and a tiny output: one GEMM leaves
-# most of a GPU idle.  On CuPy it is split into segments of whole images of at most
-# this many columns (a strided batch of GEMMs, then a sum) once K reaches SPLIT_K_MIN.
-SPLIT_K_SEGMENT = 8192
-SPLIT_K_MIN = 1 << 15
-
-
-def _weight_product(xp: Any, dout_cols: Array, col: Array, images: int, length: int) -> Array:
-    """dout_cols @ col.T, split along K on the GPU (see SPLIT_K_SEGMENT)."""
-    if (cuda_kernels_enabled(xp) and images * length >= SPLIT_K_MIN
-            and dout_cols.dtype == col.dtype and col.dtype.char in "fd"):
-        per = max([d for d in range(1, images + 1)
-                   if images % d == 0 and d * length <= SPLIT_K_SEGMENT] or [1])
-        if images // per > 1:
-            return matmul_nt_split_k(xp, dout_cols, col, per * length)
-    return matmul(xp, dout_cols, col.T)
 
 
 def _bias_gradient(xp: Any, dout: Array) -> Array:
@@ -170,8 +151,7 @@ class Convolution(Layer):
         def weight_gradient_part(part: slice) -> tuple[Array, Array]:
             dW = None
             for start, stop, col in self._chunks("f", xp, x, g, part):
-                product = _weight_product(xp, self._dout_cols(xp, dout, start, stop, g), col,
-                                          stop - start, g.length)
+                product = matmul(xp, self._dout_cols(xp, dout, start, stop, g), col.T)
                 if dW is None:
                     dW = product
                 else:
