@@ -86,6 +86,8 @@ POOL_CASES = [
     ((2, 2, 6, 5), 2, 1, 2, 0),  # non-square window
     ((2, 1, 4, 4), 4, 4, 1, 2),  # pad 2
     ((1, 1, 18, 17), 17, 17, 1, 0),  # 289 cells: window offsets beyond uint8
+    ((2, 2, 6, 9), 3, 3, 3, 0),  # windows tiling the input, 3x3
+    ((3, 1, 4, 2), 1, 1, 1, 0),  # 1x1 windows
 ]
 
 
@@ -360,6 +362,36 @@ def test_max_pooling_backward_after_inference_forward(xp, rng, x_shape, ph, pw, 
     y_eval = evaluated.forward(x, train=False)
     np.testing.assert_array_equal(to_numpy(y_eval), to_numpy(y_train))
     np.testing.assert_array_equal(to_numpy(evaluated.backward(dout)), to_numpy(dx_train))
+
+
+def naive_max_pool_backward(x, dout, ph, pw, stride, pad):
+    """Each dout to the first maximum of its window in raster order."""
+    xp_ = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=-np.inf)
+    dx = np.zeros(xp_.shape)
+    n, c, oh, ow = dout.shape
+    for i in range(n):
+        for ch in range(c):
+            for y in range(oh):
+                for z in range(ow):
+                    win = xp_[i, ch, y * stride : y * stride + ph, z * stride : z * stride + pw]
+                    r, q = np.unravel_index(np.argmax(win), win.shape)  # first maximum
+                    dx[i, ch, y * stride + r, z * stride + q] += dout[i, ch, y, z]
+    return dx[:, :, pad : pad + x.shape[2], pad : pad + x.shape[3]]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("x_shape, ph, pw, stride, pad", POOL_CASES)
+def test_max_pooling_ties_go_to_the_first_maximum(xp, rng, train, x_shape, ph, pw, stride, pad):
+    """As after a ReLU: many equal cells per window; one of them gets the gradient."""
+    x = np.maximum(rng.integers(-2, 3, size=x_shape), 0).astype(float)
+    layer = Pooling(ph, pw, stride, pad)
+    y = layer.forward(xp.asarray(x), train=train)
+    dout = rng.standard_normal(y.shape)
+    np.testing.assert_array_equal(to_numpy(y), naive_pool(x, ph, pw, stride, pad, np.max))
+    # Overlapping windows add several douts into one cell: the order may differ.
+    np.testing.assert_allclose(to_numpy(layer.backward(xp.asarray(dout))),
+                               naive_max_pool_backward(x, dout, ph, pw, stride, pad),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_relu_backward_after_inference_forward(xp, rng):

@@ -104,6 +104,11 @@ class Pooling(_Pool2d):
         if cuda_kernels_enabled(xp):  # one kernel; the offsets come for free
             argmax = xp.empty(out.shape, dtype=argmax_dtype)
             cuda_kernels.max_pool_into(xp.ascontiguousarray(x), g, out, argmax)
+        elif _separable(xp, g):
+            argmax = _picks(xp, x.shape, g) if train else None
+            self._batch_parallel(
+                xp, n, lambda part: _separable_max_into(xp, x[part], g, out[part],
+                                                        _part(argmax, part)))
         else:
             # Only training needs the winners' positions; inference takes the maxima
             # alone (a backward after it finds them then, from the input).
@@ -135,15 +140,25 @@ class Pooling(_Pool2d):
         self._check_dout(dout)
         g, x = self._g, self.x
         xp = self._xp(dout=dout, x=x)
+        kernels, separable = cuda_kernels_enabled(xp), _separable(xp, g)
         if self._argmax is None:  # forward ran in inference mode: find the winners now
-            self._argmax = xp.empty(dout.shape, dtype=_offset_dtype(xp, g))
             maxima = xp.empty(dout.shape, dtype=x.dtype)
-            self._batch_parallel(
-                xp, x.shape[0], lambda part: self._max_into(xp, x, g, maxima, self._argmax, part))
+            if separable and not kernels:
+                self._argmax = _picks(xp, x.shape, g)
+                self._batch_parallel(xp, x.shape[0], lambda part: _separable_max_into(
+                    xp, x[part], g, maxima[part], _part(self._argmax, part)))
+            else:
+                self._argmax = xp.empty(dout.shape, dtype=_offset_dtype(xp, g))
+                self._batch_parallel(xp, x.shape[0], lambda part: self._max_into(
+                    xp, x, g, maxima, self._argmax, part))
         argmax = self._argmax
         dx = xp.empty(self.x_shape, dtype=dout.dtype)
-        if cuda_kernels_enabled(xp):
+        if kernels:
             cuda_kernels.max_pool_backward_into(xp.ascontiguousarray(dout), argmax, g, dx)
+            return dx
+        if separable:
+            self._batch_parallel(xp, dout.shape[0], lambda part: _separable_scatter(
+                xp, dout[part], _part(argmax, part), g, dx[part]))
             return dx
         zero = dout.dtype.type(0)
 
@@ -155,6 +170,71 @@ class Pooling(_Pool2d):
 
         self._batch_parallel(xp, dout.shape[0], backward_part)
         return dx
+
+
+# ------------------------------------------------- max pooling over tiling windows
+# Windows that tile the input (stride = window, no padding: the book's 2x2/stride 2)
+# are reduced one axis at a time on the CPU: first each window's row, (n, C, H, W)
+# -> (n, C, H, OW), then the rows, -> (n, C, OH, OW).  Two passes over strided
+# views instead of KH*KW, and the winner kept as two small "picks" (the winning
+# column of every window row, the winning row of every window) rather than one
+# offset; ties go to the first maximum in raster order, as on the other paths.
+# NumPy only: with a NaN in a window the output is NaN on every path, but which
+# cell then gets the gradient can differ from the CUDA kernel's raster scan.
+
+def _separable(xp: Any, g) -> bool:
+    return (xp.__name__ == "numpy" and g.stride == g.kh == g.kw and g.pad == 0
+            and g.oh * g.kh == g.h and g.ow * g.kw == g.w)
+
+
+def _picks(xp: Any, x_shape: tuple, g) -> tuple[Array, Array]:
+    """Empty (winning column per window row (n, C, H, OW), winning row per window)."""
+    n, c = x_shape[:2]
+    dtype = _offset_dtype(xp, g)
+    return xp.empty((n, c, g.h, g.ow), dtype=dtype), xp.empty((n, c, g.oh, g.ow), dtype=dtype)
+
+
+def _part(picks: tuple[Array, Array] | None, part: slice) -> tuple[Array, Array] | None:
+    return None if picks is None else (picks[0][part], picks[1][part])
+
+
+def _max_of(xp: Any, views: list[Array], out: Array, pick: Array | None) -> None:
+    """out = elementwise max of ``views``; pick = index of the first view holding it."""
+    if len(views) == 1:
+        xp.copyto(out, views[0])
+        if pick is not None:
+            xp.copyto(pick, 0)
+        return
+    if pick is not None:
+        xp.greater(views[1], views[0], out=pick)  # strict: a tie keeps the first
+    xp.maximum(views[0], views[1], out=out)
+    for k, v in enumerate(views[2:], 2):
+        if pick is not None:
+            xp.copyto(pick, k, where=v > out)
+        xp.maximum(out, v, out=out)
+
+
+def _separable_max_into(xp: Any, x: Array, g, out: Array,
+                        picks: tuple[Array, Array] | None) -> None:
+    """out (n, C, OH, OW) = maxima of the tiling windows of x (n, C, H, W)."""
+    k = g.kh
+    row_max = xp.empty((x.shape[0], x.shape[1], g.h, g.ow), dtype=x.dtype)
+    col_pick, row_pick = (None, None) if picks is None else picks
+    _max_of(xp, [x[..., j::k] for j in range(k)], row_max, col_pick)
+    _max_of(xp, [row_max[:, :, i::k] for i in range(k)], out, row_pick)
+
+
+def _separable_scatter(xp: Any, dout: Array, picks: tuple[Array, Array], g,
+                       dx: Array) -> None:
+    """dx (n, C, H, W): each dout to its window's winner, zeros elsewhere (no overlap)."""
+    col_pick, row_pick = picks
+    k = g.kh
+    drow = xp.empty(col_pick.shape, dtype=dout.dtype)
+    # A multiply by the 0/1 mask, as in ReLU's backward: one pass, no select.
+    for i in range(k):
+        xp.multiply(dout, row_pick == i, out=drow[:, :, i::k])
+    for j in range(k):
+        xp.multiply(drow, col_pick == j, out=dx[..., j::k])
 
 
 class AvgPooling(_Pool2d):
