@@ -44,6 +44,7 @@ for part in $parts; do
             --fp16-backends cupy --out /tmp/xpnet_ch8
         cp /tmp/xpnet_ch8/summary.json "$out/ch8_summary.json" 2>/dev/null ;;
     seeds)
+        rm -rf /tmp/xpnet_seeds  # seeds.json collects every run found there
         for s in 0 1 2 3 4 5 6 7 8 9; do
             run seeds 60 env DL_BACKEND=cupy $py examples/ch7_simple_convnet.py --cuda-graph \
                 --seed $s --out /tmp/xpnet_seeds/ch7_s$s

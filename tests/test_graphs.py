@@ -18,6 +18,7 @@ from xpnet.backend.graphs import (
     CudaGraph,
     GraphFallbackWarning,
     _cublas_matmul,
+    gemm_operand,
     matmul,
     prepare_gemm,
 )
@@ -90,6 +91,14 @@ def test_captured_gemm_layouts(xp, rng, la, lb, m, k, n):
 def _data(xp, rng, n, shape, steps):
     return [(xp.asarray(rng.random((n, *shape))), xp.asarray(rng.integers(0, 10, n)))
             for _ in range(steps)]
+
+
+def test_gemm_operand_ignores_the_stride_of_a_length_one_axis():
+    # The stride of a length-1 axis is never followed, so one that is not a whole
+    # number of items (as_strided can build such arrays) must not force a copy.
+    assert gemm_operand((3, 1), (8, 3), 4) == ("N", 2)
+    assert gemm_operand((1, 3), (5, 4), 4) == ("N", 3)
+    assert gemm_operand((3, 2), (8, 3), 4) is None
 
 
 def _deep(dtype):

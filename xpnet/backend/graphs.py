@@ -158,7 +158,7 @@ def gemm_operand(shape: tuple[int, int], strides: tuple[int, int],
     r, c = shape
     if r == 0 or c == 0:
         return "N", max(c, 1)
-    if any(s % itemsize for s in strides):
+    if any(s % itemsize for s, n in zip(strides, shape, strict=True) if n > 1):
         return None
     s0, s1 = (s // itemsize for s in strides)
     if c == 1:
