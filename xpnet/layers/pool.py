@@ -90,7 +90,9 @@ class Pooling(_Pool2d):
     """Max pooling.  x: (N, C, H, W) -> (N, C, OH, OW).
 
     Unlike the book, ``pad`` is honoured (padding with -inf, so a padded cell
-    never wins).  The gradient goes to the first maximum of each window.
+    never wins).  The gradient goes to the first maximum of each window (raster
+    order).  On the CPU, windows that tile the input (stride = window, no pad,
+    as in the book's networks) are reduced one axis at a time; see below.
     """
 
     pad_value = float("-inf")
