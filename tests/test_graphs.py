@@ -177,6 +177,28 @@ def test_train_step_records_again_after_state_is_replaced(xp, rng):
     _four_steps_eager_and_graphed(xp, rng, reload_then_step)
 
 
+def test_retiring_a_recording_empties_every_retired_pool():
+    """Arrays that outlive a recording are freed later, into its retired pool: each
+    retirement releases those blocks too, so re-recording does not pile them up."""
+
+    class Pool:
+        def __init__(self):
+            self.emptied = 0
+
+        def free_all_blocks(self):
+            self.emptied += 1
+
+    class Recording:
+        def __init__(self):
+            self.pool = Pool()
+
+    step = TrainStep(network=None, optimizer=None, cuda_graph=True)
+    first, second = Recording(), Recording()
+    step._retire(first)
+    step._retire(second)
+    assert (first.pool.emptied, second.pool.emptied) == (2, 1)
+
+
 def test_unrecordable_step_runs_eagerly_with_a_warning(xp, rng):
     batches = _data(xp, rng, 6, (784,), 3)
     seed(0)

@@ -141,8 +141,11 @@ class TrainStep:
                 and all(a is b for a, b in zip(owned, rec.owned, strict=True)))
 
     def _retire(self, graph: CudaGraph) -> None:
-        graph.pool.free_all_blocks()
         self._retired.append(graph.pool)
+        # Arrays that outlived an earlier recording may have been freed since: their
+        # blocks went back to that retired pool, so every retired pool is emptied again.
+        for pool in self._retired:
+            pool.free_all_blocks()
 
     def _give_up(self, why: str) -> None:
         self._unrecordable = why
