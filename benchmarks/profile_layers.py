@@ -69,9 +69,15 @@ def main(argv=None) -> int:
             return out
         return call
 
-    for i, layer in enumerate(net.layers):
+    layers = net.layers
+    for i, layer in enumerate(layers):
         name = f"{i:02d} {layer.name}"
-        layer.forward = timed(f"{name} forward", layer.forward)
+        fused = i + 1 < len(layers) and layer.fuses_relu and type(layers[i + 1]).__name__ == "ReLU"
+        folded = i > 0 and layers[i - 1].fuses_relu and layer.name == "ReLU"
+        # A ReLU after a Convolution runs inside the convolution's forward (the
+        # container fuses them); wrapping its forward would undo that.
+        if not folded:
+            layer.forward = timed(f"{name} forward{'+ReLU' if fused else ''}", layer.forward)
         layer.backward = timed(f"{name} backward", layer.backward)
     opt.update = timed("optimizer", opt.update)
     for _ in range(args.steps):

@@ -434,6 +434,61 @@ def test_sequential_numbers_layer_kinds_separately(xp):
         Sequential([])
 
 
+def _conv_relu_net(xp, rng):
+    def conv(c, fn):
+        return Convolution(xp.asarray(rng.standard_normal((fn, c, 3, 3))),
+                           xp.asarray(rng.standard_normal(fn)), 1, 1)
+
+    return Sequential([conv(2, 3), ReLU(), Pooling(2, 2, 2), conv(3, 4), ReLU(),
+                       Affine(xp.asarray(rng.standard_normal((36, 5))), xp.zeros(5))])
+
+
+def _unfused(net, x):
+    for layer in net.layers:
+        x = layer.forward(x, True)
+    return x
+
+
+def test_convolution_then_relu_runs_as_one_pass(xp, rng):
+    """The container fuses Convolution -> ReLU; outputs and gradients are unchanged."""
+    x = xp.asarray(rng.standard_normal((3, 2, 6, 6)))
+    t = xp.asarray(np.array([0, 3, 4]))
+    net = _conv_relu_net(xp, rng)
+    calls = []
+    relu_forward = ReLU.forward
+
+    def counting(self, *a, **k):
+        calls.append(self)
+        return relu_forward(self, *a, **k)
+
+    ReLU.forward = counting
+    try:
+        fused_y = to_cpu(net.predict(x, train_flg=True))
+        assert calls == []  # neither ReLU ran a pass of its own
+        fused = {k: np.array(to_cpu(v)) for k, v in net.gradient(x, t).items()}
+    finally:
+        ReLU.forward = relu_forward
+    np.testing.assert_array_equal(fused_y, to_cpu(_unfused(net, x)))
+    net.loss_layer.forward(_unfused(net, x), t)  # the same gradient from unfused layers
+    dout = net.loss_layer.backward()
+    for layer in reversed(net.layers):
+        dout = layer.backward(dout)
+    for name, (layer, key) in ((n, net.params.slot(n)) for n in net.params):
+        np.testing.assert_array_equal(fused[name], to_cpu(layer.grads[key]), err_msg=name)
+    assert net.layers[0].forward(x, relu=True).min() >= 0
+
+
+def test_a_relu_hooked_on_the_instance_still_runs(xp, rng):
+    x = xp.asarray(rng.standard_normal((2, 2, 6, 6)))
+    net = _conv_relu_net(xp, rng)
+    seen = []
+    relu = net.layers[1]
+    plain = relu.forward
+    relu.forward = lambda x, train=True: seen.append(x.shape) or plain(x, train)
+    net.predict(x)
+    assert seen == [(2, 3, 6, 6)]
+
+
 # ----------------------------------------------------------------- loss, dtype, input
 def test_weight_decay_term_in_loss_and_gradient(xp, rng):
     lam = 0.3

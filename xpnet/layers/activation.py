@@ -18,6 +18,16 @@ class ReLU(Layer):
         self.out = xp.maximum(x, x.dtype.type(0))
         return self.out
 
+    def take_output(self, out: Array) -> Array:
+        """Use ``out``, already max(x, 0), as this forward's output.
+
+        For a layer before it that applied the ReLU in its own output pass
+        (``fuses_relu``): backward then works as after :meth:`forward`.
+        """
+        expect_float_input(self.name, out)
+        self.out = out
+        return out
+
     def backward(self, dout: Array) -> Array:
         self._need_forward("out")
         xp = self._xp(dout=dout, out=self.out)

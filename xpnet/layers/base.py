@@ -36,6 +36,11 @@ class Layer:
     #: return None from backward.
     need_input_grad: bool = True
 
+    #: True where ``forward(x, train, relu=True)`` returns max(forward(x), 0) in
+    #: the layer's own output pass; a container then lets a following ReLU layer
+    #: take that output (:meth:`ReLU.take_output`) instead of another pass over it.
+    fuses_relu: bool = False
+
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}

@@ -112,9 +112,10 @@ class Convolution(Layer):
         return buf.reshape(fn, -1)
 
     def _correlate(self, tag: str, xp: Any, x: Array, g, W2: Array, out: Array,
-                   bias: Array | float = 0.0) -> Array:
-        """out = W2 (FN, C*KH*KW) applied to every patch of x, plus bias."""
+                   bias: Array | float = 0.0, relu: bool = False) -> Array:
+        """out = W2 (FN, C*KH*KW) applied to every patch of x, plus bias (then ReLU)."""
         fn = W2.shape[0]
+        zero = x.dtype.type(0)
 
         def correlate_part(part: slice) -> None:
             for start, stop, col in self._chunks(tag, xp, x, g, part):
@@ -123,19 +124,25 @@ class Convolution(Layer):
                 matmul(xp, W2, col, out=y)
                 # Back to (m, FN, OH, OW): crop the junk columns, add the bias, in one pass.
                 y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
-                xp.add(y, bias, out=out[start:stop])
+                o = out[start:stop]
+                xp.add(y, bias, out=o)
+                if relu:  # while the chunk is still in cache
+                    xp.maximum(o, zero, out=o)
 
         parallel_map(xp, correlate_part, batch_slices(xp, x.shape[0]))
         return out
 
-    def forward(self, x: Array, train: bool = True) -> Array:
+    fuses_relu = True
+
+    def forward(self, x: Array, train: bool = True, relu: bool = False) -> Array:
+        """The convolution of x; with ``relu``, max(that, 0) in the same output pass."""
         W, b = self.params["W"], self.params["b"]
         xp = self._xp(x=x)
         expect_float_input(self.name, x, W.dtype)
         g = self._geometry(xp, x)
         fn = W.shape[0]
         out = xp.empty((x.shape[0], fn, g.oh, g.ow), dtype=x.dtype)
-        self._correlate("f", xp, x, g, W.reshape(fn, -1), out, b.reshape(1, fn, 1, 1))
+        self._correlate("f", xp, x, g, W.reshape(fn, -1), out, b.reshape(1, fn, 1, 1), relu)
         self.x, self._g = x, g
         return out
 

@@ -42,7 +42,7 @@ from xpnet.backend import (
     to_gpu,
 )
 from xpnet.gradcheck import numerical_gradient as _numerical_gradient
-from xpnet.layers import Layer, SoftmaxWithLoss
+from xpnet.layers import Layer, ReLU, SoftmaxWithLoss
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -270,8 +270,20 @@ class Sequential:
         return x
 
     def _forward(self, x: Array, train_flg: bool) -> Array:
-        for layer in self.layers:
-            x = layer.forward(x, train_flg)
+        layers = self.layers
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            after = layers[i + 1] if i + 1 < len(layers) else None
+            if layer.fuses_relu and type(after) is ReLU and "forward" not in vars(after):
+                # One pass over the activation instead of two (Convolution -> ReLU):
+                # the ReLU layer takes the output, and backward runs as usual.  A
+                # ReLU whose forward was replaced on the instance (a hook) still runs.
+                x = after.take_output(layer.forward(x, train_flg, relu=True))
+                i += 2
+            else:
+                x = layer.forward(x, train_flg)
+                i += 1
         return x
 
     def predict(self, x: Array, train_flg: bool = False) -> Array:
