@@ -243,7 +243,7 @@ def other_seeds(folder: Path, main: dict) -> list[str]:
     extra = sorted(folder.glob("seed*_summary.json"))
     if not extra:
         return []
-    runs = [main] + [json.loads(p.read_text()) for p in extra]
+    runs = [main] + sorted((json.loads(p.read_text()) for p in extra), key=lambda r: r["seed"])
     lines = ["The same run with other seeds (a single seed's accuracy is noisy, about +-0.2 "
              "points on MNIST):", "", "| seed | check | numbers | verdict | wall time |",
              "| --- | --- | --- | --- | --- |"]
@@ -251,7 +251,7 @@ def other_seeds(folder: Path, main: dict) -> list[str]:
         for key, c in r["checks"].items():
             lines.append(f"| {r['seed']} | {key} | {cell(format_numbers(c['numbers']))} | "
                          f"{verdict(c['holds'])} | {duration(r['wall_time_s'])} |")
-    return lines + [""]
+    return lines + mean_accuracy(runs, "runs") + [""]
 
 
 def gpu_runs(folder: Path) -> list[str]:
@@ -274,11 +274,16 @@ def gpu_runs(folder: Path) -> list[str]:
                          f"{verdict(c['holds'])} | "
                          f"{duration(train) if train is not None else '-'} | "
                          f"{duration(r['wall_time_s'])} |")
+    return lines + mean_accuracy(runs, "GPU runs") + [""]
+
+
+def mean_accuracy(runs: list[dict], what: str) -> list[str]:
+    """A line with the mean final test accuracy of ``runs``, if they report one."""
     accs = [r["results"]["final_test_acc"] for r in runs if "final_test_acc" in r["results"]]
-    if accs:
-        lines += ["", f"Mean final test accuracy over these {len(accs)} GPU runs: "
-                  f"**{100 * sum(accs) / len(accs):.2f} %**."]
-    return lines + [""]
+    if not accs:
+        return []
+    return ["", f"Mean final test accuracy over these {len(accs)} {what}: "
+            f"**{100 * sum(accs) / len(accs):.2f} %**."]
 
 
 def machines(summaries: dict[str, dict | None]) -> str:
