@@ -114,6 +114,33 @@ def test_convolution_gradients(xp, rng, x_shape, w_shape, stride, pad):
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad", CONV_CASES[:4])
+def test_convolution_bias_in_or_after_the_gemm(xp, rng, monkeypatch, fold, x_shape, w_shape,
+                                               stride, pad):
+    """Both ways of adding the bias (the CPU's row of ones, the GPU's add after) and
+    of getting db agree with the loops, with and without the fused ReLU."""
+    from xpnet.layers import conv
+
+    monkeypatch.setattr(conv, "_fold_bias", lambda xp: fold)
+    fn, kh, kw = w_shape
+    x = rng.standard_normal(x_shape)
+    W = rng.standard_normal((fn, x_shape[1], kh, kw))
+    b = rng.standard_normal(fn)
+    layer = Convolution(xp.asarray(W), xp.asarray(b), stride, pad)
+    expected = naive_conv(x, W, b, stride, pad)
+    y = layer.forward(xp.asarray(x))
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=1e-12, atol=1e-12)
+    relu = layer.forward(xp.asarray(x), relu=True)
+    np.testing.assert_allclose(to_numpy(relu), np.maximum(expected, 0), rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(y.shape)
+    layer.backward(xp.asarray(dout))
+    np.testing.assert_allclose(to_numpy(layer.grads["b"]), dout.sum(axis=(0, 2, 3)),
+                               rtol=1e-12, atol=1e-12)
+    errors = check_layer(layer, xp.asarray(x), xp.asarray(dout))
+    assert max(errors.values()) <= TOL, errors
+
+
 def test_convolution_small_chunks_agree(xp, rng, monkeypatch):
     """The chunked CPU path (tiny chunks) gives the same result as one chunk."""
     from xpnet.layers import conv

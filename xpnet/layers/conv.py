@@ -51,6 +51,17 @@ def _bias_gradient(xp: Any, dout: Array) -> Array:
     return dout.sum(axis=(0, 2, 3))
 
 
+def _fold_bias(xp: Any) -> bool:
+    """Whether the bias is added inside the GEMM, as a row of ones under the patches.
+
+    On the CPU, NumPy's broadcast add over the strided, transposed GEMM output is a
+    slow inner loop: with the bias in the GEMM, the output pass is a plain copy (or
+    the ReLU), and in backward the same row makes dW's GEMM give db as well.  On the
+    GPU the output pass is one kernel either way.
+    """
+    return xp.__name__ == "numpy"
+
+
 def _contiguous_rows(xp: Any) -> bool | None:
     """Whole-row patch copies (the CPU's layout), unless the CuPy im2col kernel runs."""
     return False if cuda_kernels_enabled(xp) else None
@@ -89,18 +100,27 @@ class Convolution(Layer):
         return checked_geometry(name, x.shape, kh, kw, self.stride, self.pad, "kernel",
                                 _contiguous_rows(xp))
 
-    def _chunks(self, tag: str, xp: Any, x: Array, g, part: slice):
-        """Yield (start, stop, col) over x[part], col = im2col of x[start:stop]."""
+    def _chunks(self, tag: str, xp: Any, x: Array, g, part: slice, ones: bool = False):
+        """Yield (start, stop, col) over x[part], col = im2col of x[start:stop].
+
+        With ``ones``, col has one more row, all ones, below the patches (see
+        :func:`_fold_bias`).
+        """
         for start, stop in _chunk_ranges(xp, part, g, x.dtype):
             m = stop - start
-            col = self._workspace(tag + "col", xp, g.col_shape(m), x.dtype)
+            rows, length = g.col_shape(m)
+            full = self._workspace(tag + ("col1" if ones else "col"), xp,
+                                   (rows + ones, length), x.dtype)
+            col = full[:rows]
+            if ones:
+                xp.copyto(full[rows], 1)
             if not g.contiguous_rows and cuda_kernels_enabled(xp):
-                yield start, stop, cuda_kernels.im2col_into(
-                    xp.ascontiguousarray(x[start:stop]), g, col)
-                continue
-            padded = self._workspace(tag + "padded", xp, g.padded_shape(m), x.dtype)
-            pad_into(x[start:stop], g, padded)
-            yield start, stop, fill_cols(padded, g, col)
+                cuda_kernels.im2col_into(xp.ascontiguousarray(x[start:stop]), g, col)
+            else:
+                padded = self._workspace(tag + "padded", xp, g.padded_shape(m), x.dtype)
+                pad_into(x[start:stop], g, padded)
+                fill_cols(padded, g, col)
+            yield start, stop, full
 
     def _dout_cols(self, xp: Any, dout: Array, start: int, stop: int, g) -> Array:
         """dout[start:stop] laid out like the columns of ``col``: (FN, m*OH*pitch)."""
@@ -112,22 +132,32 @@ class Convolution(Layer):
         return buf.reshape(fn, -1)
 
     def _correlate(self, tag: str, xp: Any, x: Array, g, W2: Array, out: Array,
-                   bias: Array | float = 0.0, relu: bool = False) -> Array:
+                   bias: Array | None = None, relu: bool = False) -> Array:
         """out = W2 (FN, C*KH*KW) applied to every patch of x, plus bias (then ReLU)."""
         fn = W2.shape[0]
         zero = x.dtype.type(0)
+        fold = bias is not None and _fold_bias(xp)
+        if fold:
+            W2 = xp.concatenate([W2, bias.reshape(fn, 1)], axis=1)
+            bias = None
 
         def correlate_part(part: slice) -> None:
-            for start, stop, col in self._chunks(tag, xp, x, g, part):
+            for start, stop, col in self._chunks(tag, xp, x, g, part, ones=fold):
                 m = stop - start
                 y = self._workspace(tag + "y", xp, (fn, m * g.length), x.dtype)
                 matmul(xp, W2, col, out=y)
-                # Back to (m, FN, OH, OW): crop the junk columns, add the bias, in one pass.
+                # Back to (m, FN, OH, OW), the junk columns cropped, in one pass that
+                # also adds the bias (unless the GEMM did) and applies the ReLU.
                 y = y.reshape(fn, m, g.oh, g.pitch)[..., : g.ow].transpose(1, 0, 2, 3)
                 o = out[start:stop]
-                xp.add(y, bias, out=o)
-                if relu:  # while the chunk is still in cache
-                    xp.maximum(o, zero, out=o)
+                if bias is not None:
+                    xp.add(y, bias.reshape(1, fn, 1, 1), out=o)
+                    if relu:  # while the chunk is still in cache
+                        xp.maximum(o, zero, out=o)
+                elif relu:
+                    xp.maximum(y, zero, out=o)
+                else:
+                    xp.copyto(o, y)
 
         parallel_map(xp, correlate_part, batch_slices(xp, x.shape[0]))
         return out
@@ -142,7 +172,7 @@ class Convolution(Layer):
         g = self._geometry(xp, x)
         fn = W.shape[0]
         out = xp.empty((x.shape[0], fn, g.oh, g.ow), dtype=x.dtype)
-        self._correlate("f", xp, x, g, W.reshape(fn, -1), out, b.reshape(1, fn, 1, 1), relu)
+        self._correlate("f", xp, x, g, W.reshape(fn, -1), out, b, relu)
         self.x, self._g = x, g
         return out
 
@@ -155,18 +185,27 @@ class Convolution(Layer):
         expect(dout.shape == (x.shape[0], fn, g.oh, g.ow), self.name, "dout.shape",
                (x.shape[0], fn, g.oh, g.ow), tuple(dout.shape))
 
-        def weight_gradient_part(part: slice) -> tuple[Array, Array]:
+        fold = _fold_bias(xp)
+
+        def weight_gradient_part(part: slice) -> tuple[Array, ...]:
             dW = None
-            for start, stop, col in self._chunks("f", xp, x, g, part):
+            for start, stop, col in self._chunks("f", xp, x, g, part, ones=fold):
                 product = matmul(xp, self._dout_cols(xp, dout, start, stop, g), col.T)
                 if dW is None:
                     dW = product
                 else:
                     dW += product
+            if fold:  # col's row of ones made the last column sum dout: db
+                return (dW,)
             return dW, _bias_gradient(xp, dout[part])
 
-        dW, db = sum_in_order(parallel_map(xp, weight_gradient_part,
-                                           batch_slices(xp, x.shape[0])))
+        sums = sum_in_order(parallel_map(xp, weight_gradient_part,
+                                         batch_slices(xp, x.shape[0])))
+        if fold:
+            dW = xp.ascontiguousarray(sums[0][:, :-1])
+            db = xp.ascontiguousarray(sums[0][:, -1])
+        else:
+            dW, db = sums
         self.grads = {"W": dW.reshape(W.shape), "b": db}
         if not self.need_input_grad:
             return None
