@@ -16,7 +16,11 @@ bookkeeping the book repeats in each network class:
   ``W`` parameter);
 * checkpoints: ``state_dict`` / ``load_state_dict`` and ``save_params`` /
   ``load_params`` (an ``.npz`` file, read without pickle);
-* devices and dtype: ``to_gpu`` / ``to_cpu`` and ``dtype``.
+* devices and dtype: ``to_gpu`` / ``to_cpu`` and ``dtype``;
+* one fusion: a Convolution followed by a ReLU runs as one pass over the output
+  (``Convolution.forward(x, relu=True)``; the ReLU layer takes that output with
+  ``take_output`` and its backward is unchanged).  Outputs and gradients are the
+  same; a ReLU whose ``forward`` was replaced on the instance (a hook) still runs.
 """
 
 from __future__ import annotations
