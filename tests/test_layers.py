@@ -421,6 +421,22 @@ def test_max_pooling_ties_go_to_the_first_maximum(xp, rng, train, x_shape, ph, p
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("x_shape, ph, pw, stride, pad", POOL_CASES)
+def test_max_pooling_keeps_a_non_finite_gradient_in_its_cell(xp, rng, x_shape, ph, pw, stride,
+                                                             pad):
+    """An inf or NaN in dout reaches its window's winner only; the other cells get 0."""
+    x = distinct_values(rng, x_shape)
+    layer = Pooling(ph, pw, stride, pad)
+    y = layer.forward(xp.asarray(x))
+    dout = rng.standard_normal(y.shape)
+    dout.flat[0] = np.inf
+    dout.flat[-1] = np.nan if dout.size > 1 else np.inf
+    dx = to_numpy(layer.backward(xp.asarray(dout)))
+    expected = naive_max_pool_backward(x, dout, ph, pw, stride, pad)
+    np.testing.assert_array_equal(np.isfinite(dx), np.isfinite(expected))
+    np.testing.assert_allclose(dx, expected, rtol=1e-12, atol=1e-12)  # overlaps: sum order
+
+
 def test_relu_backward_after_inference_forward(xp, rng):
     x = xp.asarray(rng.standard_normal((4, 5)))
     dout = xp.asarray(rng.standard_normal((4, 5)))

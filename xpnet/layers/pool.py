@@ -181,8 +181,8 @@ class Pooling(_Pool2d):
 # views instead of KH*KW, and the winner kept as two small "picks" (the winning
 # column of every window row, the winning row of every window) rather than one
 # offset; ties go to the first maximum in raster order, as on the other paths.
-# NumPy only: with a NaN in a window the output is NaN on every path, but which
-# cell then gets the gradient can differ from the CUDA kernel's raster scan.
+# NumPy only.  With a NaN in a window the output is NaN on every path, but which
+# cell then gets the gradient can differ from the other paths' raster scan.
 
 def _separable(xp: Any, g) -> bool:
     return (xp.__name__ == "numpy" and g.stride == g.kh == g.kw and g.pad == 0
@@ -232,11 +232,21 @@ def _separable_scatter(xp: Any, dout: Array, picks: tuple[Array, Array], g,
     col_pick, row_pick = picks
     k = g.kh
     drow = xp.empty(col_pick.shape, dtype=dout.dtype)
-    # A multiply by the 0/1 mask, as in ReLU's backward: one pass, no select.
+    # Select by a bit mask (all ones or all zeros) over the floats' bits: as fast
+    # as a multiply by the 0/1 mask, but exact like a select, so an inf or NaN in
+    # dout stays in its winner's cell (inf * 0 would spread NaN over the window).
+    bits = xp.dtype(f"u{dout.dtype.itemsize}")
+    _select_into(xp, dout.view(bits), row_pick, k, drow.view(bits), lambda a, i: a[:, :, i::k])
+    _select_into(xp, drow.view(bits), col_pick, k, dx.view(bits), lambda a, j: a[..., j::k])
+
+
+def _select_into(xp: Any, src: Array, pick: Array, k: int, dst: Array, place) -> None:
+    """place(dst, i) = src where pick == i, else 0, for i < k (unsigned-int views)."""
+    mask = xp.empty(pick.shape, dtype=src.dtype)
     for i in range(k):
-        xp.multiply(dout, row_pick == i, out=drow[:, :, i::k])
-    for j in range(k):
-        xp.multiply(drow, col_pick == j, out=dx[..., j::k])
+        xp.equal(pick, i, out=mask)
+        xp.negative(mask, out=mask)  # 1 -> all bits set
+        xp.bitwise_and(src, mask, out=place(dst, i))
 
 
 class AvgPooling(_Pool2d):
