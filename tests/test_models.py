@@ -478,15 +478,38 @@ def test_convolution_then_relu_runs_as_one_pass(xp, rng):
     assert net.layers[0].forward(x, relu=True).min() >= 0
 
 
-def test_a_relu_hooked_on_the_instance_still_runs(xp, rng):
+@pytest.mark.parametrize("hooked", [0, 1])
+def test_a_layer_hooked_on_the_instance_runs_unfused(xp, rng, hooked):
+    """A hook on the Convolution or on the ReLU sees what it would see unfused."""
     x = xp.asarray(rng.standard_normal((2, 2, 6, 6)))
     net = _conv_relu_net(xp, rng)
+    expected = to_cpu(_unfused(net, x))
     seen = []
-    relu = net.layers[1]
-    plain = relu.forward
-    relu.forward = lambda x, train=True: seen.append(x.shape) or plain(x, train)
-    net.predict(x)
-    assert seen == [(2, 3, 6, 6)]
+    layer = net.layers[hooked]
+    plain = layer.forward
+
+    def hook(x, train=True):  # the usual signature: no relu keyword
+        out = plain(x, train)
+        seen.append(float(out.min()))
+        return out
+
+    layer.forward = hook
+    np.testing.assert_array_equal(to_cpu(net.predict(x, train_flg=True)), expected)
+    assert len(seen) == 1
+    assert (seen[0] < 0) == (hooked == 0)  # the convolution's own output has negatives
+
+
+def test_a_subclass_overriding_forward_runs_unfused(xp, rng):
+    class Scaled(Convolution):  # does not declare fuses_relu: knows nothing of relu=
+        def forward(self, x, train=True):
+            return 2 * super().forward(x, train)
+
+    x = xp.asarray(rng.standard_normal((2, 2, 6, 6)))
+    W = xp.asarray(rng.standard_normal((3, 2, 3, 3)))
+    net = Sequential([Scaled(W, xp.zeros(3), 1, 1), ReLU(),
+                      Affine(xp.asarray(rng.standard_normal((108, 4))), xp.zeros(4))])
+    y = to_cpu(net.predict(x))
+    np.testing.assert_array_equal(y, to_cpu(_unfused(net, x)))
 
 
 # ----------------------------------------------------------------- loss, dtype, input

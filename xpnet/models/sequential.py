@@ -20,7 +20,8 @@ bookkeeping the book repeats in each network class:
 * one fusion: a Convolution followed by a ReLU runs as one pass over the output
   (``Convolution.forward(x, relu=True)``; the ReLU layer takes that output with
   ``take_output`` and its backward is unchanged).  Outputs and gradients are the
-  same; a ReLU whose ``forward`` was replaced on the instance (a hook) still runs.
+  same.  A ``forward`` replaced on either instance (a hook), or overridden by a
+  subclass that does not declare ``fuses_relu``, runs unfused.
 """
 
 from __future__ import annotations
@@ -148,6 +149,19 @@ def _number_layers(layers: Sequence[Layer]) -> tuple[dict, dict]:
                     )
                 slots[section][name] = (layer, key)
     return slots["params"], slots["buffers"]
+
+
+def _fuses_relu(layer: Layer, after: Layer | None) -> bool:
+    """Whether ``layer`` can apply the ReLU layer ``after`` it in its own output pass.
+
+    Only as their classes define them: a ``forward`` replaced on either instance (a
+    hook), or overridden by a subclass that does not declare ``fuses_relu`` itself,
+    runs as written.
+    """
+    if type(after) is not ReLU or "forward" in vars(after) or "forward" in vars(layer):
+        return False
+    owner = next(c for c in type(layer).__mro__ if "forward" in vars(c))
+    return bool(vars(owner).get("fuses_relu", False))
 
 
 def _check_lambda(value: Any) -> float:
@@ -279,10 +293,9 @@ class Sequential:
         while i < len(layers):
             layer = layers[i]
             after = layers[i + 1] if i + 1 < len(layers) else None
-            if layer.fuses_relu and type(after) is ReLU and "forward" not in vars(after):
+            if _fuses_relu(layer, after):
                 # One pass over the activation instead of two (Convolution -> ReLU):
-                # the ReLU layer takes the output, and backward runs as usual.  A
-                # ReLU whose forward was replaced on the instance (a hook) still runs.
+                # the ReLU layer takes the output, and backward runs as usual.
                 x = after.take_output(layer.forward(x, train_flg, relu=True))
                 i += 2
             else:
