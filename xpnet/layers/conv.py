@@ -78,8 +78,12 @@ class Convolution(Layer):
     back from memory, and keeps the layer's memory bounded for large batches (the
     chunks' scratch buffers are shared by all layers; ``free_workspace`` releases
     them).  On the CPU the batch is split over xpnet's threads
-    (:mod:`xpnet.backend.threads`); on CuPy one kernel builds each patch matrix
-    straight from the unpadded input (:mod:`xpnet.layers.cuda_kernels`).
+    (:mod:`xpnet.backend.threads`) and the bias is added inside the GEMM
+    (:func:`_fold_bias`); on CuPy one kernel builds each patch matrix straight
+    from the unpadded input (:mod:`xpnet.layers.cuda_kernels`).
+
+    ``forward(x, relu=True)`` returns max(y, 0) from the same output pass;
+    :class:`~xpnet.models.Sequential` uses it for a Convolution followed by a ReLU.
     """
 
     def __init__(self, W: Array, b: Array, stride: int = 1, pad: int = 0) -> None:
