@@ -232,9 +232,9 @@ def _separable_scatter(xp: Any, dout: Array, picks: tuple[Array, Array], g,
     col_pick, row_pick = picks
     k = g.kh
     drow = xp.empty(col_pick.shape, dtype=dout.dtype)
-    # Select by a bit mask (all ones or all zeros) over the floats' bits: as fast
-    # as a multiply by the 0/1 mask, but exact like a select, so an inf or NaN in
-    # dout stays in its winner's cell (inf * 0 would spread NaN over the window).
+    # Select by a bit mask (all ones or all zeros) over the floats' bits: a little
+    # slower than a multiply by the 0/1 mask, but exact like a select, so an inf or
+    # NaN in dout stays in its winner's cell (inf * 0 would spread NaN over the window).
     bits = xp.dtype(f"u{dout.dtype.itemsize}")
     _select_into(xp, dout.view(bits), row_pick, k, drow.view(bits), lambda a, i: a[:, :, i::k])
     _select_into(xp, drow.view(bits), col_pick, k, dx.view(bits), lambda a, j: a[..., j::k])
