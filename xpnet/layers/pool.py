@@ -102,23 +102,28 @@ class Pooling(_Pool2d):
         g = self._geometry(x)
         n, c = x.shape[:2]
         out = xp.empty((n, c, g.oh, g.ow), dtype=x.dtype)
-        argmax_dtype = _offset_dtype(xp, g)
         if cuda_kernels_enabled(xp):  # one kernel; the offsets come for free
-            argmax = xp.empty(out.shape, dtype=argmax_dtype)
+            argmax = xp.empty(out.shape, dtype=_offset_dtype(xp, g))
             cuda_kernels.max_pool_into(xp.ascontiguousarray(x), g, out, argmax)
-        elif _separable(xp, g):
-            argmax = _picks(xp, x.shape, g) if train else None
-            self._batch_parallel(
-                xp, n, lambda part: _separable_max_into(xp, x[part], g, out[part],
-                                                        _part(argmax, part)))
         else:
             # Only training needs the winners' positions; inference takes the maxima
             # alone (a backward after it finds them then, from the input).
-            argmax = xp.empty(out.shape, dtype=argmax_dtype) if train else None
-            self._batch_parallel(
-                xp, n, lambda part: self._max_into(xp, x, g, out, argmax, part))
+            argmax = self._maxima_into(xp, x, g, out, train)
         self.x, self.x_shape, self._g, self._argmax = x, x.shape, g, argmax
         return out
+
+    def _maxima_into(self, xp: Any, x: Array, g, out: Array, winners: bool) -> Any:
+        """out = window maxima of x, batch-parallel; returns where the winners are
+        (the tiling path's picks, else offsets), or None unless ``winners``."""
+        n = x.shape[0]
+        if _separable(xp, g):
+            picks = _picks(xp, x.shape, g) if winners else None
+            self._batch_parallel(xp, n, lambda part: _separable_max_into(
+                xp, x[part], g, out[part], _part(picks, part)))
+            return picks
+        argmax = xp.empty(out.shape, dtype=_offset_dtype(xp, g)) if winners else None
+        self._batch_parallel(xp, n, lambda part: self._max_into(xp, x, g, out, argmax, part))
+        return argmax
 
     def _max_into(self, xp: Any, x: Array, g, out: Array, argmax: Array | None,
                   part: slice) -> None:
@@ -142,23 +147,15 @@ class Pooling(_Pool2d):
         self._check_dout(dout)
         g, x = self._g, self.x
         xp = self._xp(dout=dout, x=x)
-        kernels, separable = cuda_kernels_enabled(xp), _separable(xp, g)
         if self._argmax is None:  # forward ran in inference mode: find the winners now
             maxima = xp.empty(dout.shape, dtype=x.dtype)
-            if separable and not kernels:
-                self._argmax = _picks(xp, x.shape, g)
-                self._batch_parallel(xp, x.shape[0], lambda part: _separable_max_into(
-                    xp, x[part], g, maxima[part], _part(self._argmax, part)))
-            else:
-                self._argmax = xp.empty(dout.shape, dtype=_offset_dtype(xp, g))
-                self._batch_parallel(xp, x.shape[0], lambda part: self._max_into(
-                    xp, x, g, maxima, self._argmax, part))
+            self._argmax = self._maxima_into(xp, x, g, maxima, winners=True)
         argmax = self._argmax
         dx = xp.empty(self.x_shape, dtype=dout.dtype)
-        if kernels:
+        if cuda_kernels_enabled(xp):
             cuda_kernels.max_pool_backward_into(xp.ascontiguousarray(dout), argmax, g, dx)
             return dx
-        if separable:
+        if _separable(xp, g):
             self._batch_parallel(xp, dout.shape[0], lambda part: _separable_scatter(
                 xp, dout[part], _part(argmax, part), g, dx[part]))
             return dx
