@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from xpnet.layers.base import Array, Layer, expect_float_input
+from xpnet.layers.base import Array, Layer, expect, expect_float_input
+
+
+def _check_dout(layer: Layer, dout: Array, out: Array) -> None:
+    """dout must have the output's shape (a broadcastable one would pass silently)."""
+    expect(getattr(dout, "shape", None) == out.shape, layer.name, "dout.shape",
+           tuple(out.shape), tuple(getattr(dout, "shape", ())))
 
 
 class ReLU(Layer):
@@ -18,19 +24,10 @@ class ReLU(Layer):
         self.out = xp.maximum(x, x.dtype.type(0))
         return self.out
 
-    def take_output(self, out: Array) -> Array:
-        """Use ``out``, already max(x, 0), as this forward's output.
-
-        For a layer before it that applied the ReLU in its own output pass
-        (``fuses_relu``): backward then works as after :meth:`forward`.
-        """
-        expect_float_input(self.name, out)
-        self.out = out
-        return out
-
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("out")
         xp = self._xp(dout=dout, out=self.out)
+        _check_dout(self, dout, self.out)
         return xp.multiply(dout, self.out > 0, dtype=dout.dtype)
 
 
@@ -47,9 +44,10 @@ class Sigmoid(Layer):
         self.out = out
         return out
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("out")
         self._xp(dout=dout, out=self.out)
+        _check_dout(self, dout, self.out)
         return dout * (1 - self.out) * self.out
 
 
@@ -62,7 +60,8 @@ class Tanh(Layer):
         self.out = xp.tanh(x)
         return self.out
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("out")
         self._xp(dout=dout, out=self.out)
+        _check_dout(self, dout, self.out)
         return dout * (1 - self.out * self.out)

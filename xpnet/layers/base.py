@@ -3,12 +3,18 @@
 A layer is a small object with
 
 * ``forward(x, train=True)`` -> y, remembering what backward needs;
-* ``backward(dout)`` -> dx, filling ``grads`` with the same keys as ``params``;
+* ``backward(dout, need_input_grad=True)`` -> dx, filling ``grads`` with the same
+  keys as ``params``.  A caller that will not read dx (a network's first layer)
+  passes ``need_input_grad=False``; a layer for which dx is costly (Convolution,
+  Affine) then skips it and returns None.  The flag travels with the call, so one
+  layer instance can sit first in one network and inside another;
 * ``params``: trainable arrays by name ('W', 'b', 'gamma', 'beta'); an optimizer
   updates these arrays in place;
 * ``grads``: their gradients after the last backward;
 * ``buffers``: non-trainable state that must survive a checkpoint (BatchNorm's
-  running statistics).
+  running statistics);
+* ``children()``: the layers a layer holds (containers: :mod:`xpnet.layers.compose`);
+  parameters, buffers and device moves are found by one walk over them.
 
 Layers never modify their input ``x`` nor the upstream gradient ``dout``, and keep
 the dtype they are given (float32 in, float32 out).
@@ -31,16 +37,6 @@ _scratch = threading.local()  # per-thread scratch buffers, see Layer._workspace
 class Layer:
     """Base class: empty params, grads and buffers; subclasses override forward/backward."""
 
-    #: A container sets this to False on its first layer, whose input gradient
-    #: nobody reads; layers for which dx is costly (Convolution) then skip it and
-    #: return None from backward.
-    need_input_grad: bool = True
-
-    #: True where ``forward(x, train, relu=True)`` returns max(forward(x), 0) in
-    #: the layer's own output pass; a container then lets a following ReLU layer
-    #: take that output (:meth:`ReLU.take_output`) instead of another pass over it.
-    fuses_relu: bool = False
-
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
@@ -53,8 +49,12 @@ class Layer:
     def forward(self, x: Array, train: bool = True) -> Array:
         raise NotImplementedError
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array | None:
         raise NotImplementedError
+
+    def children(self) -> tuple[Layer, ...]:
+        """The layers this layer holds, in order (none for a leaf layer)."""
+        return ()
 
     def __call__(self, x: Array, train: bool = True) -> Array:
         return self.forward(x, train)
@@ -64,26 +64,7 @@ class Layer:
         return check_same_backend(self.name, **arrays, **self.params)
 
     def _workspace(self, name: str, xp: Any, shape: tuple[int, ...], dtype: Any) -> Array:
-        """A contiguous scratch array of ``shape``, backed by a buffer kept across calls.
-
-        A training loop then allocates once (no page faults, no allocator churn).
-        The buffers are shared by all layers of a thread, since a scratch array
-        lives only within one forward or backward call: a deep network needs the
-        largest layer's scratch, not the sum.  They outlive the layers (on the GPU,
-        the patch matrix of a large batch can take hundreds of MiB):
-        :func:`free_workspace` releases them.  Contents are undefined.
-        """
-        size = math.prod(shape)
-        # A CUDA graph being prepared keeps its own buffers (xpnet.backend.graphs).
-        pool = capture_workspace()
-        if pool is None:
-            pool = _scratch.__dict__.setdefault("buffers", {})
-        # One set per device: a buffer on GPU 0 must not serve arrays on GPU 1.
-        key = (name, xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
-        buf = pool.get(key)
-        if buf is None or buf.size < size or buf.dtype != dtype:
-            buf = pool[key] = xp.empty(size, dtype=dtype)
-        return buf[:size].reshape(shape)
+        return workspace(name, xp, shape, dtype)
 
     def _need_forward(self, attr: str) -> None:
         if getattr(self, attr, None) is None:
@@ -92,6 +73,29 @@ class Layer:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
         return f"{self.name}({shapes})"
+
+
+def workspace(name: str, xp: Any, shape: tuple[int, ...], dtype: Any) -> Array:
+    """A contiguous scratch array of ``shape``, backed by a buffer kept across calls.
+
+    A training loop then allocates once (no page faults, no allocator churn).
+    The buffers are shared by all layers of a thread, since a scratch array
+    lives only within one forward or backward call: a deep network needs the
+    largest layer's scratch, not the sum.  They outlive the layers (on the GPU,
+    the patch matrix of a large batch can take hundreds of MiB):
+    :func:`free_workspace` releases them.  Contents are undefined.
+    """
+    size = math.prod(shape)
+    # A CUDA graph being prepared keeps its own buffers (xpnet.backend.graphs).
+    pool = capture_workspace()
+    if pool is None:
+        pool = _scratch.__dict__.setdefault("buffers", {})
+    # One set per device: a buffer on GPU 0 must not serve arrays on GPU 1.
+    key = (name, xp.__name__, xp.cuda.Device().id if xp.__name__ == "cupy" else -1)
+    buf = pool.get(key)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = pool[key] = xp.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def free_workspace() -> None:

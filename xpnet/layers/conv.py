@@ -180,7 +180,7 @@ class Convolution(Layer):
         self.x, self._g = x, g
         return out
 
-    def backward(self, dout: Array) -> Array | None:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array | None:
         self._need_forward("x")
         x, g = self.x, self._g
         W = self.params["W"]
@@ -211,7 +211,7 @@ class Convolution(Layer):
         else:
             dW, db = sums
         self.grads = {"W": dW.reshape(W.shape), "b": db}
-        if not self.need_input_grad:
+        if not need_input_grad:
             return None
         return self._input_gradient(xp, dout, g)
 

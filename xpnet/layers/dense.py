@@ -50,14 +50,14 @@ class Affine(Layer):
         macs = n * d * self.params["W"].shape[1]
         return batch_slices(xp, n) if macs >= SPLIT_MACS else [slice(0, n)]
 
-    def backward(self, dout: Array) -> Array | None:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array | None:
         self._need_forward("x2d")
         W = self.params["W"]
         xp = self._xp(dout=dout)
         x2d = self.x2d
         expect(dout.shape == (x2d.shape[0], W.shape[1]), self.name, "dout.shape",
                (x2d.shape[0], W.shape[1]), tuple(dout.shape))
-        dx = xp.empty(x2d.shape, dtype=dout.dtype) if self.need_input_grad else None
+        dx = xp.empty(x2d.shape, dtype=dout.dtype) if need_input_grad else None
 
         def backward_part(part: slice) -> tuple[Array, Array]:
             if dx is not None:
@@ -78,6 +78,6 @@ class Flatten(Layer):
         self.x_shape = x.shape
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("x_shape")
         return dout.reshape(self.x_shape)

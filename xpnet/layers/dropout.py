@@ -35,7 +35,7 @@ class Dropout(Layer):
         self.mask = keep * scale  # scaled mask, in x's dtype
         return x * self.mask
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         if getattr(self, "_identity", None) is None:
             raise RuntimeError(f"{self.name}.backward called before forward")
         if self._identity:

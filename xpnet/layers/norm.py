@@ -65,7 +65,7 @@ class BatchNormalization(Layer):
         self.xn, self.inv_std, self.train, self.axes, self.shape = xn, inv_std, train, axes, shape
         return xn * gamma.reshape(shape) + beta.reshape(shape)
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("xn")
         gamma = self.params["gamma"]
         self._xp(dout=dout)

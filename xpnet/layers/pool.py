@@ -142,7 +142,7 @@ class Pooling(_Pool2d):
                 xp.copyto(a, k, where=better)
                 xp.maximum(o, v, out=o)
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("x_shape")
         self._check_dout(dout)
         g, x = self._g, self.x
@@ -272,7 +272,7 @@ class AvgPooling(_Pool2d):
         self.x_shape, self._g = x.shape, g
         return out
 
-    def backward(self, dout: Array) -> Array:
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
         self._need_forward("x_shape")
         self._check_dout(dout)
         g = self._g

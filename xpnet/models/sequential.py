@@ -199,8 +199,6 @@ class Sequential:
                        if not hasattr(layer, a)]
             if missing:
                 raise TypeError(f"Sequential: layer {i} ({layer!r}) lacks {', '.join(missing)}")
-        # Nothing reads the gradient with respect to the network's input.
-        self.layers[0].need_input_grad = False
         self.loss_layer = SoftmaxWithLoss() if loss_layer is None else loss_layer
         self.weight_decay_lambda = _check_lambda(weight_decay_lambda)
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
@@ -288,19 +286,8 @@ class Sequential:
         return x
 
     def _forward(self, x: Array, train_flg: bool) -> Array:
-        layers = self.layers
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            after = layers[i + 1] if i + 1 < len(layers) else None
-            if _fuses_relu(layer, after):
-                # One pass over the activation instead of two (Convolution -> ReLU):
-                # the ReLU layer takes the output, and backward runs as usual.
-                x = after.take_output(layer.forward(x, train_flg, relu=True))
-                i += 2
-            else:
-                x = layer.forward(x, train_flg)
-                i += 1
+        for layer in self.layers:
+            x = layer.forward(x, train_flg)
         return x
 
     def predict(self, x: Array, train_flg: bool = False) -> Array:
@@ -359,8 +346,9 @@ class Sequential:
         """
         loss = self.loss(x, t, train_flg=True)
         dout = self.loss_layer.backward(1)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
+        for i in range(len(self.layers) - 1, -1, -1):
+            # nothing reads the gradient with respect to the network's input
+            dout = self.layers[i].backward(dout, need_input_grad=i > 0)
         lam = self.weight_decay_lambda
         grads: dict[str, Array] = {}
         for name in self._params:
