@@ -6,6 +6,7 @@ Used by the models' ``save_params`` and by checkpoints; imports nothing of xpnet
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,10 +37,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     The temporary file lives in the same directory (``.<name>.<random>.tmp``), is
     flushed and fsync'ed before ``os.replace``, and the directory is fsync'ed after.
     On any exception the temporary file is removed and ``path`` is left untouched.
+    Leftovers of an earlier writer of ``path`` that was killed outright are removed
+    first (one writer per path at a time is assumed).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=directory)
     tmp = Path(tmp_name)
     try:
