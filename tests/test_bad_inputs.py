@@ -90,16 +90,16 @@ CASES = [
      TypeError, ["SoftmaxWithLoss", "label dtype", "integer", "float64"]),
     ("one-hot of the wrong width", lambda xp: SoftmaxWithLoss().forward(
         f32(xp, 2, 10), xp.asarray(np.eye(9)[[0, 1]])),
-     ValueError, ["SoftmaxWithLoss", "one-hot labels shape", "(2, 10)", "(2, 9)"]),
+     ValueError, ["SoftmaxWithLoss", "labels shape", "(2, 10) one-hot", "received (2, 9)"]),
     ("one-hot with two ones", lambda xp: SoftmaxWithLoss().forward(
         f32(xp, 1, 3), xp.asarray(np.array([[1, 1, 0]]))),
      ValueError, ["SoftmaxWithLoss", "one-hot", "exactly one 1"]),
     ("label count differs", lambda xp: SoftmaxWithLoss().forward(
         f32(xp, 3, 10), xp.asarray(np.array([1, 2]))),
-     ValueError, ["SoftmaxWithLoss", "number of labels", "expected 3", "received 2"]),
-    ("logits of ndim 3", lambda xp: SoftmaxWithLoss().forward(
-        f32(xp, 3, 10, 1), xp.asarray(np.array([1, 2, 3]))),
-     ValueError, ["SoftmaxWithLoss", "ndim", "received 3"]),
+     ValueError, ["SoftmaxWithLoss", "labels shape", "expected (3,)", "received (2,)"]),
+    ("scores of ndim 1", lambda xp: SoftmaxWithLoss().forward(
+        f32(xp, 3), xp.asarray(np.array([1, 2, 3]))),
+     ValueError, ["SoftmaxWithLoss", "ndim", "received 1"]),
     ("empty batch into loss", lambda xp: SoftmaxWithLoss().forward(
         f32(xp, 0, 10), xp.asarray(np.array([], dtype=np.int64))),
      ValueError, ["SoftmaxWithLoss", "batch size", "received 0"]),

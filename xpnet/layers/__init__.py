@@ -5,6 +5,7 @@ Every layer follows the protocol in :mod:`xpnet.layers.base`.
 
 from xpnet.layers.activation import ReLU, Sigmoid, Tanh
 from xpnet.layers.base import Layer, free_workspace
+from xpnet.layers.compose import Chain, Identity, Parallel, residual
 from xpnet.layers.conv import Convolution
 from xpnet.layers.dense import Affine, Flatten
 from xpnet.layers.dropout import Dropout
@@ -15,6 +16,10 @@ from xpnet.layers.pool import AvgPooling, Pooling
 __all__ = [
     "Layer",
     "free_workspace",
+    "Chain",
+    "Parallel",
+    "Identity",
+    "residual",
     "Affine",
     "Flatten",
     "ReLU",

@@ -11,7 +11,7 @@ from typing import Any
 
 from xpnet.models.convnet import DeepConvNet, SimpleConvNet
 from xpnet.models.mlp import ACTIVATIONS, MultiLayerNet, MultiLayerNetExtend
-from xpnet.models.sequential import ParamMap, Sequential
+from xpnet.models.network import LoadReport, Network, ParamMap, Sequential
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,6 +19,8 @@ __all__ = [
     "DeepConvNet",
     "MultiLayerNet",
     "MultiLayerNetExtend",
+    "LoadReport",
+    "Network",
     "ParamMap",
     "Sequential",
     "SimpleConvNet",

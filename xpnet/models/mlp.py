@@ -8,7 +8,7 @@ from typing import Any
 from xpnet.init import init_weight
 from xpnet.layers import Affine, BatchNormalization, Dropout, Layer, ReLU, Sigmoid, Tanh
 from xpnet.models._util import float_dtype, init_spec, ones, positive_int, zeros
-from xpnet.models.sequential import Sequential, _check_lambda
+from xpnet.models.network import Sequential, check_lambda
 
 __all__ = ["ACTIVATIONS", "MultiLayerNet", "MultiLayerNetExtend"]
 
@@ -89,7 +89,7 @@ class MultiLayerNet(Sequential):
         activation = _activation(name, activation)
         spec = init_spec(weight_init_std)
         dt = float_dtype(name, dtype)
-        lam = _check_lambda(weight_decay_lambda)
+        lam = check_lambda(weight_decay_lambda)
         self.input_size, self.output_size = sizes[0], sizes[-1]
         self.hidden_size_list = sizes[1:-1]
         self.hidden_layer_num = len(self.hidden_size_list)
