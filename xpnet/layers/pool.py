@@ -1,4 +1,4 @@
-"""Max and average pooling, looping over window offsets only."""
+"""Max and average pooling, looping over window offsets only; global average pooling."""
 
 from __future__ import annotations
 
@@ -286,4 +286,31 @@ class AvgPooling(_Pool2d):
             self._scatter(xp, g, dx[part], parts)
 
         self._batch_parallel(xp, dout.shape[0], backward_part)
+        return dx
+
+
+class GlobalAveragePooling(Layer):
+    """The mean of each channel over its pixels.  x: (N, C, H, W) -> (N, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_shape: tuple | None = None
+
+    def forward(self, x: Array, train: bool = True) -> Array:
+        expect_float_input(self.name, x)
+        self._xp(x=x)
+        expect(x.ndim == 4, self.name, "input ndim (N, C, H, W)", 4, x.ndim)
+        n, c = x.shape[:2]
+        self.x_shape = x.shape
+        return x.reshape(n, c, -1).mean(axis=2)
+
+    def backward(self, dout: Array, need_input_grad: bool = True) -> Array:
+        self._need_forward("x_shape")
+        xp = self._xp(dout=dout)
+        n, c, h, w = self.x_shape
+        expect(tuple(getattr(dout, "shape", ())) == (n, c), self.name, "dout.shape", (n, c),
+               tuple(getattr(dout, "shape", ())))
+        dx = xp.empty(self.x_shape, dtype=dout.dtype)
+        # Every pixel gets an equal share of its channel's gradient.
+        xp.multiply(dout.reshape(n, c, 1, 1), dout.dtype.type(1.0 / (h * w)), out=dx)
         return dx

@@ -15,8 +15,9 @@ from typing import Any
 
 from xpnet.init import init_weight
 from xpnet.layers import Affine, Convolution, Dropout, Layer, Pooling, ReLU
+from xpnet.layers.conv import ConvReLU
 from xpnet.models._util import float_dtype, init_spec, positive_int, zeros
-from xpnet.models.sequential import Sequential
+from xpnet.models.network import Sequential
 
 __all__ = ["SimpleConvNet", "DeepConvNet"]
 
@@ -63,7 +64,8 @@ class _Builder:
         self.layers: list[Layer] = []
         self.n_conv = self.n_pool = 0
 
-    def conv(self, p: dict, what: str | None = None) -> None:
+    def conv(self, p: dict, what: str | None = None, relu: bool = False) -> None:
+        """A Convolution; with ``relu``, followed by a ReLU, as one ConvReLU layer."""
         self.n_conv += 1
         label = f"Convolution {self.n_conv}" + (f" ({what})" if what else "")
         c, h, w = self.shape
@@ -71,7 +73,8 @@ class _Builder:
         oh = _out_size(self.model, label, "height", h, k, s, pad)
         ow = _out_size(self.model, label, "width", w, k, s, pad)
         W = init_weight((p["filter_num"], c, k, k), self.spec, self.dtype)
-        self.layers.append(Convolution(W, zeros(p["filter_num"], self.dtype), s, pad))
+        layer = ConvReLU if relu else Convolution
+        self.layers.append(layer(W, zeros(p["filter_num"], self.dtype), s, pad))
         self.shape = (p["filter_num"], oh, ow)
 
     def pool(self) -> None:
@@ -120,8 +123,7 @@ class SimpleConvNet(Sequential):
         spec = init_spec(weight_init_std)
         dt = float_dtype(name, dtype)
         b = _Builder(name, dim, spec, dt)
-        b.conv(p, "conv_param")
-        b.add(ReLU())
+        b.conv(p, "conv_param", relu=True)
         b.pool()
         b.affine(hidden)
         b.add(ReLU())
@@ -170,8 +172,7 @@ class DeepConvNet(Sequential):
         dt = float_dtype(name, dtype)
         b = _Builder(name, dim, "he", dt)
         for i, p in enumerate(ps):
-            b.conv(p, f"conv_param_{i + 1}")
-            b.add(ReLU())
+            b.conv(p, f"conv_param_{i + 1}", relu=True)
             if i % 2 == 1:
                 b.pool()
         b.affine(hidden)
