@@ -102,12 +102,12 @@ def test_editable_install_of_a_fresh_clone_is_a_path_entry(clone, tmp_path):
     # -S: no site-packages of this environment, only the .pth under test
     proc = _python(f"import site; site.addsitedir({str(site_dir)!r}); import xpnet, "
                    "importlib.util; print(xpnet.__file__); "
-                   "print(importlib.util.find_spec('xpnet.train.cli').origin)",
+                   "print(importlib.util.find_spec('xpnet.train').origin)",
                    clone.parent, "-S")
     assert proc.returncode == 0, proc.stderr
-    package, cli = (Path(line).resolve() for line in proc.stdout.split())
+    package, train = (Path(line).resolve() for line in proc.stdout.split())
     assert package == (clone / "xpnet" / "__init__.py").resolve()
-    assert cli == (clone / "xpnet" / "train" / "cli.py").resolve()
+    assert train == (clone / "xpnet" / "train" / "__init__.py").resolve()  # not train.py
 
     run = subprocess.run([sys.executable, "train.py", "--help"], cwd=clone,
                          capture_output=True, text=True, timeout=120)
