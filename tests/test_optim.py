@@ -262,13 +262,28 @@ def test_steady_state_update_allocates_no_temporaries(xp, name):
 
 
 # ------------------------------------------------------------- errors
-def test_missing_grad_key_names_key_and_changes_nothing(xp, rng):
+def test_a_parameter_without_gradient_is_left_untouched(xp, rng):
+    """Frozen parameters: no gradient, no update, no state."""
     params0, grads = make_problem(rng)
     params = to_backend(xp, params0, xp.float32)
     opt = Adam()
     g = to_backend(xp, grads[0], xp.float32)
     del g["b"]
-    with pytest.raises(GradientMismatchError, match=r"no gradient for param 'b'") as info:
+    opt.update(params, g)
+    assert opt.step_count == 1
+    np.testing.assert_array_equal(to_cpu(params["b"]), params0["b"].astype(np.float32))
+    assert not np.array_equal(to_cpu(params["W"]), params0["W"].astype(np.float32))
+    assert "b" not in opt.state_dict()["slots"]["m"]
+
+
+def test_gradient_of_an_unknown_name_is_refused_and_changes_nothing(xp, rng):
+    params0, grads = make_problem(rng)
+    params = to_backend(xp, params0, xp.float32)
+    opt = Adam()
+    g = to_backend(xp, grads[0], xp.float32)
+    g["W9"] = g["W"]
+    with pytest.raises(GradientMismatchError, match=r"gradient for 'W9', which is not a "
+                                                    r"parameter") as info:
         opt.update(params, g)
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
     assert opt.step_count == 0

@@ -470,6 +470,17 @@ class Network:
         except ValueError as exc:
             raise ValueError(f"load_params({os.fspath(path)!r}): {exc}") from None
 
+    def rng_states(self) -> dict[str, Any]:
+        """The JSON-able states of the layers' own random generators (Dropout's), by
+        position in the walk; :meth:`set_rng_states` restores them (checkpoints)."""
+        return {str(i): layer.get_rng_state()
+                for i, layer in enumerate(walk(self.chain)) if hasattr(layer, "get_rng_state")}
+
+    def set_rng_states(self, states: Mapping[str, Any]) -> None:
+        for i, layer in enumerate(walk(self.chain)):
+            if hasattr(layer, "set_rng_state") and str(i) in states:
+                layer.set_rng_state(states[str(i)])
+
     # ------------------------------------------------------------- devices
     def _move(self, fn: Any) -> Network:
         owners = [*walk(self.chain), self.loss_layer]

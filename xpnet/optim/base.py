@@ -11,9 +11,10 @@ each replay (see :mod:`xpnet.backend.graphs`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -26,7 +27,17 @@ from xpnet.optim.clip import clip_grad_norm
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
-__all__ = ["Optimizer", "GradientMismatchError"]
+__all__ = ["Optimizer", "GradientMismatchError", "name_matches"]
+
+
+def name_matches(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether parameter ``name`` is selected by one of ``prefixes``.
+
+    A prefix is a full name (``'W1'`` selects W1, not W10) or a block
+    (``'stage2'`` or ``'stage2.'`` selects ``stage2.W1``, ``stage2.gamma1`` ...).
+    """
+    return any(name == p or name.startswith(p if p.endswith(".") else p + ".")
+               for p in prefixes)
 
 
 class GradientMismatchError(KeyError, ValueError):
@@ -73,9 +84,17 @@ def _shape(a: Any) -> tuple[int, ...] | None:
 class Optimizer:
     """Base class of the optimizers: ``update(params, grads)`` changes ``params`` in place.
 
-    ``params`` and ``grads`` are dicts of arrays with the same keys and shapes (the
-    book's convention); extra keys in ``grads`` are ignored.  The arrays in
-    ``params`` are updated in place and never replaced, since layers share them.
+    ``grads`` holds a gradient for each parameter to update, under the parameter's
+    key and with its shape; parameters without one (frozen) are left untouched, with
+    their state.  A gradient for a key that ``params`` lacks is an error.  The arrays
+    in ``params`` are updated in place and never replaced, since layers share them.
+
+    ``groups``: parameter groups with their own hyper-parameters, e.g.
+    ``[{"params": "stage1", "lr": 1e-4}, {"params": ["W7", "W8"], "weight_decay": 0}]``
+    (``params``: name prefixes as :func:`name_matches` reads them; the first group
+    that matches a key is its group, the optimizer's own values serve the rest).  A
+    group's ``lr`` follows schedules in proportion: its effective lr is
+    ``lr_group * optimizer.lr / lr_at_construction``.
 
     Per-key state (``slot_names``, e.g. Adam's ``m`` and ``v``) is allocated lazily
     with ``zeros_like`` on the first update of a key, on the parameter's own backend
@@ -112,7 +131,8 @@ class Optimizer:
         if changes_rule and "_kernel" not in cls.__dict__:
             cls._kernel = None
 
-    def __init__(self, *, clip_norm: float | None = None, **hyper: float) -> None:
+    def __init__(self, *, clip_norm: float | None = None,
+                 groups: Sequence[Mapping[str, Any]] | None = None, **hyper: float) -> None:
         """``hyper`` holds a value for each of ``hyper_names`` (at least ``lr``)."""
         hyper = {**hyper, "clip_norm": clip_norm}
         expected = {*self.hyper_names, "clip_norm"}
@@ -123,12 +143,15 @@ class Optimizer:
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         self._apply_hyper(hyper)
+        self.groups = self._check_groups(groups or [], hyper)
+        self._group_of: dict[str, int] = {}
         self.step_count = 0
         self.last_grad_norm: float | None = None
         self._slots: dict[str, dict[str, Array]] = {name: {} for name in self.slot_names}
         self._scratch: dict[str, Array] = {}
         self._scalars_version = 0  # advanced with every step
-        self._device_scalars_at: dict[int, tuple[Array, int]] = {}  # device -> (h, version)
+        # (device, group) -> (device array of the kernel scalars, version written)
+        self._device_scalars_at: dict[tuple[int, int], tuple[Array, int]] = {}
 
     # ------------------------------------------------------------ hyperparameters
     @property
@@ -158,6 +181,68 @@ class Optimizer:
                 problems.append(f"{name} must be {text}, got {value!r}")
         return problems
 
+    def _check_groups(self, groups: Sequence[Mapping[str, Any]],
+                      hyper: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The groups as ``{'params': (prefixes,), <hyper>: value}``, each value checked."""
+        name, out = type(self).__name__, []
+        for i, group in enumerate(groups):
+            if not isinstance(group, Mapping) or "params" not in group:
+                raise TypeError(f"{name}: group {i} must be a dict with 'params' (name "
+                                f"prefixes) and hyper-parameters, got {group!r}")
+            prefixes = group["params"]
+            prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
+            if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+                raise ValueError(f"{name}: group {i}: 'params' must be name prefixes, "
+                                 f"got {group['params']!r}")
+            values = {k: v for k, v in group.items() if k != "params"}
+            unknown = sorted(set(values) - set(self.hyper_names))
+            if unknown:
+                raise ValueError(f"{name}: group {i}: {unknown} are not hyper-parameters of "
+                                 f"{name} ({', '.join(self.hyper_names)})")
+            problems = self._check_hyper({**hyper, **values})
+            if problems:
+                raise ValueError(f"{name}: group {i}: " + "; ".join(problems))
+            if "lr" in values and values["lr"] != hyper["lr"] and not hyper["lr"]:
+                raise ValueError(f"{name}: group {i}: a group lr needs a non-zero base lr")
+            out.append({"params": prefixes, **{k: float(v) for k, v in values.items()}})
+        self._lr0 = float(hyper["lr"])
+        return out
+
+    def group_index(self, key: str) -> int:
+        """0 for a key under the optimizer's own hyper-parameters, i + 1 for ``groups[i]``."""
+        gi = self._group_of.get(key)
+        if gi is None:
+            gi = self._group_of[key] = next(
+                (i + 1 for i, g in enumerate(self.groups) if name_matches(key, g["params"])), 0)
+        return gi
+
+    def group_hyper(self, gi: int) -> dict[str, float]:
+        """The hyper-parameters in effect for group ``gi`` (see :meth:`group_index`)."""
+        values = {n: float(getattr(self, n)) for n in self.hyper_names}
+        if gi:
+            group = self.groups[gi - 1]
+            values.update({k: v for k, v in group.items() if k != "params"})
+            if "lr" in group:
+                values["lr"] = group["lr"] * (self.lr / self._lr0)
+        return values
+
+    @contextlib.contextmanager
+    def _hyper_of(self, gi: int) -> Iterator[None]:
+        """The optimizer's hyper-parameters set to group ``gi``'s for the block."""
+        if not gi:
+            yield
+            return
+        saved = {n: getattr(self, n) for n in self.hyper_names}
+        try:
+            for n, v in self.group_hyper(gi).items():
+                setattr(self, n, v)
+            self._begin_step()
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(self, n, v)
+            self._begin_step()
+
     def _apply_hyper(self, hyper: Mapping[str, Any]) -> None:
         for name in self.hyper_names:
             setattr(self, name, float(hyper[name]))
@@ -173,34 +258,42 @@ class Optimizer:
 
     # ----------------------------------------------------------------- update
     def update(self, params: Mapping[str, Array], grads: Mapping[str, Array]) -> None:
-        """Apply one optimization step to every array of ``params``, in place.
+        """Apply one optimization step to every array of ``params`` that ``grads`` has
+        a gradient for, in place; the others (frozen) are left untouched.
 
-        Raises GradientMismatchError (a KeyError and ValueError) naming every key
-        whose gradient is missing or has another shape than its parameter, and
-        BackendMismatchError when a parameter and its gradient live on different
-        devices. Nothing is changed when it raises.
+        Raises GradientMismatchError (a KeyError and ValueError) naming every
+        gradient whose key is not in ``params`` or whose shape differs from its
+        parameter's, and BackendMismatchError when a parameter and its gradient live
+        on different devices. Nothing is changed when it raises.
         """
         self._check_grads(params, grads)
         if self.clip_norm is not None:
             if capturing():
                 raise GraphUnsafeError(f"{type(self).__name__}: clip_norm reads the gradient "
                                        "norm back from the GPU, which a CUDA graph cannot do")
-            self.last_grad_norm = clip_grad_norm([grads[k] for k in params], self.clip_norm)
+            self.last_grad_norm = clip_grad_norm(list(grads.values()), self.clip_norm)
         if not capturing():  # a recorded step is advanced by its replayer (advance_step)
             self.advance_step()
-        for key, p in params.items():
-            g = grads[key]
-            module = get_array_module(p)
-            slots = {name: self._slot(name, key, p, module) for name in self.slot_names}
-            if self._kernel is not None and cuda_kernels_enabled(module) and g.dtype == p.dtype:
-                self._fused_one(key, p, g, slots, self._device_scalars(p))
-            elif capturing():
-                raise GraphUnsafeError(
-                    f"{type(self).__name__}: without its CuPy kernel (XPNET_CUDA_KERNELS=0, or "
-                    "a gradient whose dtype differs from its parameter's) the update would "
-                    "freeze this step's scalars into the CUDA graph")
-            else:
-                self._update_one(module, key, p, g, slots, self._scratch_for(key, p, module))
+        by_group: dict[int, list[str]] = {}
+        for key in grads:
+            by_group.setdefault(self.group_index(key), []).append(key)
+        for gi, keys in sorted(by_group.items()):
+            with self._hyper_of(gi):
+                for key in keys:
+                    self._update_key(key, params[key], grads[key], gi)
+
+    def _update_key(self, key: str, p: Array, g: Array, gi: int) -> None:
+        module = get_array_module(p)
+        slots = {name: self._slot(name, key, p, module) for name in self.slot_names}
+        if self._kernel is not None and cuda_kernels_enabled(module) and g.dtype == p.dtype:
+            self._fused_one(key, p, g, slots, self._device_scalars(p, gi))
+        elif capturing():
+            raise GraphUnsafeError(
+                f"{type(self).__name__}: without its CuPy kernel (XPNET_CUDA_KERNELS=0, or "
+                "a gradient whose dtype differs from its parameter's) the update would "
+                "freeze this step's scalars into the CUDA graph")
+        else:
+            self._update_one(module, key, p, g, slots, self._scratch_for(key, p, module))
 
     def advance_step(self, params: Mapping[str, Array] | None = None) -> None:
         """Count a new step and compute its scalars; ``update`` calls it.
@@ -216,16 +309,28 @@ class Optimizer:
             # whenever the device array exists: a recording reads it, even if the
             # kernels have been turned off since it was made
             p = next(iter(params.values()), None)
-            if (p is not None and get_array_module(p).__name__ == "cupy"
-                    and p.device.id in self._device_scalars_at):
-                self._device_scalars(p)
+            if p is not None and get_array_module(p).__name__ == "cupy":
+                for device, gi in list(self._device_scalars_at):
+                    if device == p.device.id:
+                        with self._hyper_of(gi):
+                            self._device_scalars(p, gi)
+
+    def state_arrays(self) -> tuple[Array, ...]:
+        """Every array this optimizer holds across steps (state and kernel scalars).
+
+        A recorder of the step (:class:`xpnet.train.TrainStep`) records again when
+        one of them is replaced.
+        """
+        arrays = [a for table in self._slots.values() for a in table.values()]
+        return (*arrays, *(h for h, _ in self._device_scalars_at.values()))
 
     def recording_key(self) -> tuple:
         """What a recorded step's kernels depend on beyond the arrays and the scalars.
 
         A recorder (:class:`xpnet.train.TrainStep`) records again when this changes.
         """
-        return (type(self), self.clip_norm is not None, self._kernel is not None)
+        return (type(self), self.clip_norm is not None, self._kernel is not None,
+                tuple(tuple(sorted(g)) for g in self.groups))
 
     def _kernel_scalars(self) -> tuple[float, ...]:
         """This step's scalars for ``_kernel`` (``h[0]``, ``h[1]``, ...), at most 8."""
@@ -242,11 +347,11 @@ class Optimizer:
             for name in self.slot_names:
                 self._slot(name, key, p, module)
             if self._kernel is not None and cuda_kernels_enabled(module):
-                self._scalars_array(p)
+                self._scalars_array(p, self.group_index(key))
 
-    def _scalars_array(self, p: Array) -> Array:
-        """The float64 device array of kernel scalars on ``p``'s GPU (made once)."""
-        device = p.device.id
+    def _scalars_array(self, p: Array, gi: int) -> Array:
+        """The float64 device array of group ``gi``'s kernel scalars on ``p``'s GPU."""
+        device = (p.device.id, gi)
         entry = self._device_scalars_at.get(device)
         if entry is None:
             if capturing():
@@ -254,21 +359,22 @@ class Optimizer:
                                        "capturing it, so the scalars have a device array")
             import cupy  # noqa: PLC0415 - only reached with CuPy arrays
 
-            with cupy.cuda.Device(device):
+            with cupy.cuda.Device(device[0]):
                 entry = self._device_scalars_at[device] = (
                     cupy.zeros(8, dtype=numpy.float64), -1)
         return entry[0]
 
-    def _device_scalars(self, p: Array) -> Array:
-        """The float64 device array of this step's kernel scalars, on ``p``'s GPU.
+    def _device_scalars(self, p: Array, gi: int) -> Array:
+        """The float64 device array of this step's kernel scalars (group ``gi``'s, whose
+        hyper-parameters are in effect), on ``p``'s GPU.
 
         Written by one tiny kernel once per step; while a graph is captured it is
         only read (the replayer writes it before each replay).
         """
-        h = self._scalars_array(p)
+        h = self._scalars_array(p, gi)
         if capturing():
             return h
-        device = p.device.id
+        device = (p.device.id, gi)
         version = self._device_scalars_at[device][1]
         if version != self._scalars_version:
             values = [float(v) for v in self._kernel_scalars()]
@@ -285,7 +391,12 @@ class Optimizer:
     def _check_grads(self, params: Mapping[str, Array], grads: Mapping[str, Array]) -> None:
         problems = []
         name = type(self).__name__
-        for key, p in params.items():
+        for key in grads:
+            if key not in params:
+                problems.append(f"gradient for {key!r}, which is not a parameter (parameters: "
+                                f"{', '.join(map(str, params))})")
+                continue
+            p = params[key]
             pshape = _shape(p)
             if pshape is None or getattr(p, "dtype", None) is None:
                 problems.append(f"param {key!r} is not an array ({type(p).__name__})")
@@ -293,9 +404,6 @@ class Optimizer:
             if p.dtype.kind != "f":
                 problems.append(f"param {key!r} has dtype {p.dtype}; only floating-point "
                                 "arrays can be optimized")
-            if key not in grads:
-                problems.append(f"no gradient for param {key!r} (shape {pshape})")
-                continue
             g = grads[key]
             gshape = _shape(g)
             if gshape is None:

@@ -1,18 +1,61 @@
-"""One training step, run eagerly or replayed as a recorded CUDA graph."""
+"""The one training step: gradient -> gradient transforms -> update.
+
+Run eagerly, or replayed as a recorded CUDA graph.  Every step of the Trainer goes
+through :class:`TrainStep`; gradient transforms (clipping, a gradient all-reduce)
+are callables ``transform(grads, params)`` that change the gradient arrays in place,
+run in order between ``network.gradient`` and ``optimizer.update``.
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from xpnet.backend import get_array_module, get_rng
-from xpnet.backend.graphs import CudaGraph, GraphFallbackWarning
+from xpnet.backend.graphs import CudaGraph, GraphFallbackWarning, GraphUnsafeError, capturing
 from xpnet.backend.kernels import cuda_kernels_enabled
+from xpnet.optim import clip_grad_norm
 
 Array = Any
 
-__all__ = ["TrainStep"]
+__all__ = ["TrainStep", "ClipGradNorm", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient norm was inf or nan; nothing was updated.
+
+    ``what`` is 'loss' or 'gradient norm', ``value`` the number.
+    """
+
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"non-finite {what} ({value})")
+        self.what, self.value = what, value
+
+
+class ClipGradNorm:
+    """Gradient transform: scale the gradients so that their global L2 norm is at most
+    ``max_norm`` (:func:`xpnet.optim.clip_grad_norm`); a non-finite norm raises
+    :class:`NonFiniteError`.  It reads the norm back, so it cannot run in a CUDA graph.
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
+                or not math.isfinite(max_norm) or max_norm <= 0:
+            raise ValueError(f"clip_norm must be a finite number > 0, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+        self.last_norm: float | None = None
+
+    def __call__(self, grads: dict[str, Array], params: Mapping[str, Array]) -> None:
+        if capturing():
+            raise GraphUnsafeError("gradient clipping reads the norm back from the GPU")
+        self.last_norm = norm = clip_grad_norm(list(grads.values()), self.max_norm)
+        if not math.isfinite(norm):
+            raise NonFiniteError("gradient norm", norm)
 
 
 @dataclass
@@ -27,7 +70,13 @@ class _Recorded:
 
 
 class TrainStep:
-    """``loss = step(x, t)`` does ``network.gradient(x, t)`` then ``optimizer.update``.
+    """``loss = step(x, t)``: ``network.gradient(x, t)``, each of ``transforms`` in
+    order, then ``optimizer.update``.
+
+    With ``check_finite`` (NumPy only, where reading the loss back is free) a
+    non-finite loss or gradient norm raises :class:`NonFiniteError` before anything
+    is updated, and the network's buffers (batch-norm running statistics, which the
+    forward pass already moved) are restored: all state is as before the step.
 
     The loss comes back as a device array (0-d on CuPy), not read back, so a loop
     of steps never waits for the GPU.
@@ -56,9 +105,12 @@ class TrainStep:
     """
 
     def __init__(self, network: Any, optimizer: Any, cuda_graph: bool = False,
-                 max_graphs: int = 4) -> None:
+                 max_graphs: int = 4, transforms: Sequence[Any] = (),
+                 check_finite: bool = False) -> None:
         self.network = network
         self.optimizer = optimizer
+        self.transforms = list(transforms)
+        self.check_finite = bool(check_finite)
         self.cuda_graph = bool(cuda_graph)
         self.max_graphs = int(max_graphs)
         self.graphed = False  # whether the last call recorded or replayed a graph
@@ -103,11 +155,28 @@ class TrainStep:
     # ---------------------------------------------------------------- internals
     def _eager(self, x: Array, t: Array) -> Array:
         net = self.network
-        grads = net.gradient(x, t)
-        loss = getattr(net, "last_loss", None)
-        if loss is None:  # a network without last_loss: the book's second forward
-            loss = net.loss(x, t)
-        self.optimizer.update(net.params, grads)
+        on_host = get_array_module(x) is np
+        check = self.check_finite and on_host and not capturing()
+        buffers = getattr(net, "buffers", None) or {}
+        saved = {k: v.copy() for k, v in buffers.items()} if check else None
+        if hasattr(net, "last_loss"):
+            net.last_loss = None
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                grads = net.gradient(x, t)
+                loss = getattr(net, "last_loss", None)
+                if loss is None:  # a network without last_loss: the book's second forward
+                    loss = net.loss(x, t)
+                if check and not math.isfinite(float(loss)):
+                    raise NonFiniteError("loss", float(loss))
+                for transform in self.transforms:
+                    transform(grads, net.params)
+            except NonFiniteError:
+                if saved:
+                    for k, v in saved.items():
+                        buffers[k][...] = v
+                raise
+            self.optimizer.update(net.params, grads)
         return loss
 
     def _graph_wanted(self, x: Array, t: Array) -> bool:
@@ -129,9 +198,7 @@ class TrainStep:
         """The arrays of the network and optimizer that a recording reads or writes."""
         arrays = list(self.network.params.values())
         arrays += list((getattr(self.network, "buffers", None) or {}).values())
-        for table in getattr(self.optimizer, "_slots", {}).values():
-            arrays += list(table.values())
-        arrays += [h for h, _ in getattr(self.optimizer, "_device_scalars_at", {}).values()]
+        arrays += list(self.optimizer.state_arrays())
         return tuple(arrays)
 
     def _still_valid(self, rec: _Recorded) -> bool:
@@ -154,7 +221,8 @@ class TrainStep:
 
     def _record(self, shape_key: tuple, x: Array, t: Array) -> Array:
         net, opt = self.network, self.optimizer
-        if not all(hasattr(opt, a) for a in ("advance_step", "prepare", "recording_key")):
+        if not all(hasattr(opt, a) for a in ("advance_step", "prepare", "recording_key",
+                                             "state_arrays")):
             self._give_up("the optimizer is not an xpnet optimizer")
             return self._eager(x, t)
         if getattr(opt, "clip_norm", None) is not None:
@@ -178,7 +246,10 @@ class TrainStep:
         owned, key = self._owned(), opt.recording_key()
 
         def step() -> Array:
-            opt.update(net.params, net.gradient(xs, ts))
+            grads = net.gradient(xs, ts)
+            for transform in self.transforms:
+                transform(grads, net.params)
+            opt.update(net.params, grads)
             return net.last_loss
 
         try:

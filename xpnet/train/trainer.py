@@ -32,21 +32,23 @@ Where it differs from the book:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import numbers
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from xpnet.backend import get_array_module, get_rng, to_backend, to_cpu
-from xpnet.optim import CosineLR, StepLR, clip_grad_norm, get_optimizer
+from xpnet.layers.loss import class_indices
+from xpnet.optim import CosineLR, StepLR, get_optimizer
+from xpnet.state import sha256_of
 from xpnet.train.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -54,7 +56,7 @@ from xpnet.train.checkpoint import (
     load_checkpoint,
     network_backend,
 )
-from xpnet.train.step import TrainStep
+from xpnet.train.step import ClipGradNorm, NonFiniteError, TrainStep
 
 __all__ = ["Trainer", "NonFiniteLossError"]
 
@@ -95,30 +97,6 @@ def _host_array(name: str, a: Any) -> np.ndarray:
         raise ValueError(f"Trainer: {name} must be an array with one sample per row, "
                          f"got a 0-d array")
     return h
-
-
-def _label_problem(t: np.ndarray, k: int) -> str | None:
-    """Why ``t`` is not a valid label array for ``k`` classes (None if it is)."""
-    if t.ndim == 1:
-        if t.dtype.kind not in "iu":
-            return f"integer labels expected, got dtype {t.dtype}"
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= k:
-            return f"labels must lie in 0..{k - 1} (the network has {k} outputs), " \
-                   f"got {lo}..{hi}"
-        return None
-    if t.ndim == 2:
-        if t.shape[1] != k:
-            return f"one-hot labels must have {k} columns (the network's outputs), " \
-                   f"got {t.shape[1]}"
-        if not (((t == 0) | (t == 1)).all() and (t.sum(axis=1) == 1).all()):
-            return "one-hot rows must hold 0/1 with exactly one 1"
-        return None
-    return f"labels must be (N,) integers or (N, K) one-hot, got shape {t.shape}"
-
-
-def _labels_digest(t: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(t).reshape(-1).view(np.uint8)).hexdigest()
 
 
 class Trainer:
@@ -169,7 +147,7 @@ class Trainer:
                  checkpoint_every_steps: int | None = None, seed: int | None = None,
                  shuffle: bool = True, lr_schedule: Any = None, clip_norm: float | None = None,
                  keep_checkpoints: int = 3, progress: bool | None = None,
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, transforms: Iterable[Any] = ()) -> None:
         self.network = network
         for attr in ("params", "gradient", "accuracy", "predict"):
             if not hasattr(network, attr):
@@ -179,6 +157,7 @@ class Trainer:
         self.batch_size = _int_at_least("mini_batch_size", mini_batch_size, 1)
         self.evaluate_sample_num_per_epoch = _int_at_least(
             "evaluate_sample_num_per_epoch", evaluate_sample_num_per_epoch, 1, allow_none=True)
+        self.book_output = verbose == "book"
         self.verbose = bool(verbose)
         self.progress = progress
 
@@ -220,10 +199,11 @@ class Trainer:
             raise ValueError("Trainer: checkpoint_every_steps needs checkpoint_dir")
         self._manager = (None if self.checkpoint_dir is None
                          else CheckpointManager(self.checkpoint_dir, keep=keep_checkpoints))
-        if clip_norm is not None and not (isinstance(clip_norm, numbers.Real)
-                                          and math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"Trainer: clip_norm must be a finite number > 0, got {clip_norm!r}")
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        try:
+            clip = None if clip_norm is None else ClipGradNorm(clip_norm)
+        except ValueError as exc:
+            raise ValueError(f"Trainer: {exc}") from None
+        self.clip_norm = None if clip is None else clip.max_norm
         self.seed = seed
         self.shuffle = bool(shuffle)
 
@@ -251,8 +231,10 @@ class Trainer:
             raise ValueError("Trainer: cuda_graph cannot be combined with clip_norm (the "
                              "clipping reads the gradient norm back from the GPU every step)")
         self.cuda_graph = bool(cuda_graph)
-        self._train_step = TrainStep(network, self.optimizer, cuda_graph=True) \
-            if self.cuda_graph else None
+        # the one step path: gradient -> transforms (all-reduce, then clipping) -> update
+        self.step_runner = TrainStep(network, self.optimizer, cuda_graph=self.cuda_graph,
+                                     transforms=[*transforms, *([clip] if clip else [])],
+                                     check_finite=True)
 
         self.rng = np.random.default_rng(seed)
         self._epoch_start_state: dict[str, Any] = self.rng.bit_generator.state
@@ -342,17 +324,21 @@ class Trainer:
         return to_backend(t, self.backend)
 
     def _check_labels(self) -> None:
-        """Validate every label array once, on the host, against the network's outputs."""
+        """Validate every label array once, on the host, against the network's outputs
+        (:func:`xpnet.layers.loss.class_indices`, the check the loss makes)."""
         y = self.network.predict(self._to_device_x(self.x_train[:1]))
-        self._num_classes = k = int(y.shape[-1])
+        self._num_classes = int(y.shape[1])
+        ignore = getattr(getattr(self.network, "loss_layer", None), "ignore_label", None)
         problems = []
         for name, t in (("t_train", self.t_train), ("t_test", self.t_test),
                         ("t_val", self.t_val)):
             if t is None:
                 continue
-            why = _label_problem(t, k)
-            if why:
-                problems.append(f"{name}: {why}")
+            scores = SimpleNamespace(shape=(len(t), *y.shape[1:]))  # only its shape is read
+            try:
+                class_indices(name, scores, t, ignore)
+            except (TypeError, ValueError) as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError("Trainer: invalid labels:\n" + "\n".join(f"  - {p}"
                                                                       for p in problems))
@@ -388,13 +374,13 @@ class Trainer:
             print(text, flush=True)
 
     def _use_bar(self) -> bool:
-        if not self.verbose:
+        if not self.verbose or self.book_output:
             return False
         if self.progress is not None:
             return bool(self.progress)
-        try:
-            return sys.stdout.isatty()
-        except (AttributeError, ValueError):
+        try:  # a terminal of width 0 shows no bar: the epoch lines carry the progress
+            return sys.stdout.isatty() and shutil.get_terminal_size().columns > 0
+        except (AttributeError, ValueError, OSError):
             return False
 
     # ---------------------------------------------------------------- losses
@@ -457,7 +443,7 @@ class Trainer:
             "checkpoint_every_steps": self.checkpoint_every_steps,
             "clip_norm": self.clip_norm,
             "train_size": self.train_size, "sample_shape": list(self.x_train.shape[1:]),
-            "train_labels_sha256": _labels_digest(self.t_train),
+            "train_labels_sha256": sha256_of(self.t_train),
             "val_size": None if self.x_val is None else int(len(self.x_val)),
         }
 
@@ -478,7 +464,9 @@ class Trainer:
         path = self._manager.save(
             self.current_iter, self.network, self.optimizer, lr_schedule=self.lr_schedule,
             rng={"shuffle": self.rng.bit_generator.state,
-                 "epoch_start": self._epoch_start_state, "backend": backend_rng},
+                 "epoch_start": self._epoch_start_state, "backend": backend_rng,
+                 "layers": (self.network.rng_states()
+                            if hasattr(self.network, "rng_states") else {})},
             progress={"epoch": self.current_epoch, "step": self.current_iter,
                       "position": self.position, "iter_per_epoch": self.iter_per_epoch,
                       "finished": self.current_epoch >= self.epochs or self.stopped_early,
@@ -573,6 +561,8 @@ class Trainer:
         backend_state = rng.get("backend")
         if backend_state is not None and self.backend == "numpy":
             get_rng("numpy").set_state(backend_state)
+        if rng.get("layers") and hasattr(self.network, "set_rng_states"):
+            self.network.set_rng_states(rng["layers"])
         progress = ckpt.progress
         self.current_epoch = int(progress["epoch"])
         self.current_iter = int(progress["step"])
@@ -632,35 +622,16 @@ class Trainer:
 
     def _step(self, x_batch: Any, t_batch: Any) -> Any:
         """One update on a device batch; returns the loss (a device array, not synced)."""
-        net = self.network
-        if hasattr(net, "last_loss"):
-            try:
-                net.last_loss = None
-            except AttributeError:
-                pass
-        epoch = self.current_epoch + 1
-        step = self.current_iter + 1
-        if self._train_step is not None and get_array_module(x_batch) is not np:
-            # gradient and update recorded as one CUDA graph (no clip_norm here)
-            loss = self._train_step(x_batch, t_batch)
-            self._pending.append((step, epoch, self.position + 1, loss))
-            return self._end_step(loss)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            grads = net.gradient(x_batch, t_batch)
-            loss = getattr(net, "last_loss", None)
-            if loss is None:  # a network without last_loss: the book's second forward
-                loss = net.loss(x_batch, t_batch)
-        self._pending.append((step, epoch, self.position + 1, loss))
-        if get_array_module(loss) is np:
-            self._flush()  # free on the host: stop before a bad update
-        if self.clip_norm is not None:
-            params = net.params
-            norm = clip_grad_norm([grads[k] for k in params], self.clip_norm)
-            if not math.isfinite(norm):
-                self._flush()
-                self._raise_nonfinite("gradient norm", norm, step, epoch, self.position + 1)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self.optimizer.update(net.params, grads)
+        step, epoch, iteration = self.current_iter + 1, self.current_epoch + 1, self.position + 1
+        try:
+            loss = self.step_runner(x_batch, t_batch)
+        except NonFiniteError as exc:  # checked on the host, before anything was updated
+            self._flush()
+            self._raise_nonfinite(exc.what, exc.value, step, epoch, iteration)
+        self._pending.append((step, epoch, iteration, loss))
+        if self.book_output:
+            self._flush()
+            print("train loss:" + str(self.train_loss_list[-1]), flush=True)
         return self._end_step(loss)
 
     def _end_step(self, loss: Any) -> Any:
@@ -695,6 +666,7 @@ class Trainer:
                     "pass resume=True to continue that run, or use an empty directory")
         if self._manager is not None:
             self._manager.remove_stale_temp_files()
+            self._manager.check_writable()  # before the first step, not after an epoch
 
         loss_layers = self._loss_layers()
         saved_flags = [(layer, layer.validate_labels) for layer in loss_layers]
@@ -721,29 +693,56 @@ class Trainer:
         self._finish()
         return self.history
 
-    def _run_epoch(self) -> Any:
-        epoch = self.current_epoch + 1
+    def _begin_epoch(self) -> None:
         if self.position == 0 or self._perm is None:
             self._epoch_start_state = self.rng.bit_generator.state
             self._perm = self._draw_permutation()
             self.position = 0
         self._epoch_t0 = time.perf_counter()
         self._epoch_images = 0
+
+    def _batch_step(self) -> Any:
+        """The step on the next batch of the epoch's order, then checkpoint and callbacks."""
+        bs = self.batch_size
+        idx = self._perm[self.position * bs:(self.position + 1) * bs]
+        loss = self._step(self._to_device_x(self.x_train[idx]),
+                          self._to_device_t(self.t_train[idx]))
+        self._epoch_images += len(idx)
+        if (self.checkpoint_every_steps is not None
+                and self.current_iter % self.checkpoint_every_steps == 0):
+            self._save_checkpoint()
+        self._emit("step_end", {"epoch": self.current_epoch + 1, "step": self.current_iter,
+                                "iteration": self.position, "loss": loss})
+        return loss
+
+    def train_step(self) -> float:
+        """One step, as the book's ``Trainer.train_step()``; returns its loss.
+
+        Takes the next batch of the current epoch (starting one when needed); after an
+        epoch's last step evaluates, reports and checkpoints as :meth:`train` does.
+        """
+        if self._num_classes is None:
+            self._check_labels()
+        if self.position == 0 or self._perm is None:
+            self._begin_epoch()
+        self._batch_step()
+        self._flush()
+        if self.position >= self.iter_per_epoch:
+            self._end_epoch(None)
+        return self.train_loss_list[-1]
+
+    def _run_epoch(self) -> Any:
+        self._begin_epoch()
         bar = None
         if self._use_bar():
             from tqdm import tqdm  # noqa: PLC0415 - only on a terminal (tqdm.auto imports IPython)
 
             bar = tqdm(total=self.iter_per_epoch, initial=self.position,
-                       desc=f"epoch {epoch}/{self.epochs}", unit="step", file=sys.stdout,
-                       dynamic_ncols=True, leave=True)
+                       desc=f"epoch {self.current_epoch + 1}/{self.epochs}", unit="step",
+                       file=sys.stdout, dynamic_ncols=True, leave=False)
         last_refresh = time.perf_counter()
-        perm, bs = self._perm, self.batch_size
-        while self.position < self.iter_per_epoch:
-            idx = perm[self.position * bs:(self.position + 1) * bs]
-            xb = self._to_device_x(self.x_train[idx])
-            tb = self._to_device_t(self.t_train[idx])
-            loss = self._step(xb, tb)
-            self._epoch_images += len(idx)
+        while self.position < self.iter_per_epoch and not self.stop_training:
+            self._batch_step()
             if bar is not None:
                 bar.update(1)
                 now = time.perf_counter()
@@ -751,13 +750,6 @@ class Trainer:
                     last_refresh = now
                     self._flush()
                     bar.set_postfix(self._postfix(), refresh=False)
-            if (self.checkpoint_every_steps is not None
-                    and self.current_iter % self.checkpoint_every_steps == 0):
-                self._save_checkpoint()
-            self._emit("step_end", {"epoch": epoch, "step": self.current_iter,
-                                    "iteration": self.position, "loss": loss})
-            if self.stop_training:
-                break
         return bar
 
     def _epoch_mean_loss(self) -> float:
@@ -801,11 +793,9 @@ class Trainer:
             h["val_acc"].append(val_acc)
 
         if bar is not None:
-            extra = {"acc": train_acc, "test": test_acc}
-            if val_acc is not None:
-                extra["val"] = val_acc
-            bar.set_postfix(self._postfix(ips, **extra), refresh=True)
-            bar.close()
+            bar.close()  # the bar shows progress; the epoch's line stays, in every terminal
+        if self.book_output:
+            print(f"=== epoch:{epoch}, train acc:{train_acc}, test acc:{test_acc} ===", flush=True)
         else:
             line = (f"epoch {epoch}/{self.epochs}: loss {mean_loss:.4f}, train acc "
                     f"{train_acc:.4f}, test acc {test_acc:.4f}")
@@ -848,7 +838,11 @@ class Trainer:
                                  "test_acc": self.final_test_acc,
                                  "stopped_early": self.stopped_early,
                                  "best_epoch": self.best_epoch, "restored_best": restored})
-        self._say(f"test accuracy: {100 * self.final_test_acc:.2f}%")
+        if self.book_output:
+            print("=============== Final Test Accuracy ===============")
+            print("test acc:" + str(self.final_test_acc), flush=True)
+        else:
+            self._say(f"test accuracy: {100 * self.final_test_acc:.2f}%")
 
     def __repr__(self) -> str:
         return (f"Trainer({type(self.network).__name__}, epochs={self.epochs}, "
