@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xpnet.book_weights import import_book_params
 from xpnet.models.convnet import DeepConvNet, SimpleConvNet
 from xpnet.models.mlp import ACTIVATIONS, MultiLayerNet, MultiLayerNetExtend
 from xpnet.models.network import LoadReport, Network, ParamMap, Sequential
@@ -25,6 +26,7 @@ __all__ = [
     "Sequential",
     "SimpleConvNet",
     "build_model",
+    "import_book_params",
 ]
 
 #: the networks by the names the command line uses
