@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -10,18 +11,46 @@ from xpnet.backend import get_array_module
 Array = Any
 
 
-def numerical_gradient(f: Callable[[], Any], x: Array, h: float = 1e-4) -> Array:
+def _objective(f: Callable[..., Any], x: Array) -> Callable[[], Any]:
+    """``f`` as a function of no argument: ``f`` itself when it can be called without
+    one, else ``lambda: f(x)`` (the book's ``f(W)``)."""
+    if not callable(f):
+        raise TypeError(f"numerical_gradient: f must be callable, got {type(f).__name__}")
+    try:
+        signature = inspect.signature(f)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the book's form
+        return lambda: f(x)
+    try:
+        signature.bind()
+        return f
+    except TypeError:
+        pass
+    try:
+        signature.bind(x)
+    except TypeError:
+        raise TypeError(f"numerical_gradient: f must take no argument or one (the array "
+                        f"being differentiated), but its signature is {signature}") from None
+    return lambda: f(x)
+
+
+def numerical_gradient(f: Callable[..., Any], x: Array, h: float = 1e-4) -> Array:
     """d f / d x by central differences, (f(x + h) - f(x - h)) / 2h per element.
 
-    ``f`` takes no argument and reads ``x``, which is perturbed in place one
-    element at a time and restored afterwards (as in the book, this is what lets
-    it differentiate a network's loss with respect to one of its parameters).
+    ``x`` is perturbed in place one element at a time and restored afterwards (as in
+    the book, this is what lets it differentiate a network's loss with respect to one
+    of its parameters).  ``f`` may take no argument and read ``x`` (xpnet's form,
+    ``lambda: net.loss(x, t)``) or take ``x`` as its one argument (the book's form,
+    ``lambda W: net.loss(x, t)`` or ``f(x)`` of a function): it is called with no
+    argument when its signature allows that, else with ``x``.  Either way ``x`` is
+    the array itself, perturbed, so a function of its argument sees each step.
+
     ``x`` must be contiguous.  Works on NumPy and CuPy arrays; use float64 for
     checks, since float32 leaves only about 3 significant digits at h = 1e-4.
     """
     xp = get_array_module(x)
     if not x.flags.c_contiguous:
         raise ValueError("numerical_gradient: x must be C-contiguous (it is modified in place)")
+    f = _objective(f, x)
     grad = xp.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):
