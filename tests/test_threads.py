@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import xpnet
 from tests.conftest import to_numpy
 from xpnet.backend import threads
 from xpnet.gradcheck import check_layer
 from xpnet.layers import Affine, AvgPooling, Convolution, Pooling
-from xpnet.layers import conv as conv_module
+from xpnet.layers import conv_functions as conv_module
 from xpnet.layers import dense as dense_module
 
 
@@ -137,15 +144,37 @@ def test_parallel_map_from_several_user_threads(restore_threads):
     assert results == [True] * 80
 
 
+def blas_threads():
+    """The thread count of every loaded BLAS, as threadpoolctl reads it."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    counts = [p["num_threads"] for p in threadpoolctl.threadpool_info()
+              if p["user_api"] == "blas"]
+    if not counts:
+        pytest.skip("no BLAS library that threadpoolctl can control")
+    return counts
+
+
+def in_thread(fn):
+    """fn() run on a new thread; its result, or its exception raised here."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller below
+            out["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def test_blas_single_threaded_inside_and_restored_after(restore_threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def blas_threads():
-        return [p["num_threads"] for p in threadpoolctl.threadpool_info()
-                if p["user_api"] == "blas"]
-
-    if not blas_threads():
-        pytest.skip("no BLAS library that threadpoolctl can control")
+    blas_threads()
     threads.set_num_threads(2)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         inside = threads.parallel_map(np, lambda s: blas_threads(), [slice(0, 1), slice(1, 2)])
@@ -195,3 +224,171 @@ def test_network_gradient_with_two_threads_matches_one(xp, rng, restore_threads,
     for key in serial:
         np.testing.assert_allclose(parallel[key], serial[key], rtol=1e-10, atol=1e-12,
                                    err_msg=key)
+
+
+def test_blas_single_threaded_inside_regions_entered_from_a_worker_thread(restore_threads):
+    """threadpoolctl lets only one thread change OpenBLAS (pthreads); xpnet's hold must
+    work from any thread, and give the count back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas_threads()
+    threads.set_num_threads(2)
+    slices = [slice(0, 1), slice(1, 2)]
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        inside = in_thread(lambda: threads.parallel_map(np, lambda s: blas_threads(), slices))
+        assert inside == [[1] * len(inside[0])] * 2
+        assert blas_threads() == [2] * len(inside[0])
+        # two user threads in regions at once: the last one out restores
+        barrier = threading.Barrier(2, timeout=30)
+        seen = []
+
+        def user():
+            seen.extend(threads.parallel_map(np, lambda s: (barrier.wait(), blas_threads())[1],
+                                             [slice(0, 1)]))
+
+        users = [threading.Thread(target=user) for _ in range(2)]
+        for u in users:
+            u.start()
+        for u in users:
+            u.join()
+        assert seen == [[1] * len(inside[0])] * 2
+        assert blas_threads() == [2] * len(inside[0])
+
+
+@pytest.mark.parametrize("model", ["deep", "simple"])
+def test_network_gradient_in_a_worker_thread_is_the_main_threads_bit_for_bit(restore_threads,
+                                                                            monkeypatch, model):
+    """Same thread count, BLAS at 2 threads outside xpnet's regions: a gradient computed
+    on a worker thread (a notebook, a server) equals the main thread's bit for bit."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from xpnet.backend import seed
+    from xpnet.models import DeepConvNet, SimpleConvNet
+
+    blas_threads()
+    monkeypatch.setattr(dense_module, "SPLIT_MACS", 1)  # the dense GEMMs in regions too
+    rng = np.random.default_rng(3)
+    x = rng.random((24, 1, 28, 28)).astype(np.float32)
+    t = np.arange(24) % 10
+
+    def gradient():
+        seed(0)  # the same weights and dropout masks in both threads
+        net = DeepConvNet() if model == "deep" else SimpleConvNet()
+        return {k: v.copy() for k, v in net.gradient(x, t).items()}
+
+    threads.set_num_threads(2)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        main = gradient()
+        worker = in_thread(gradient)
+    assert main.keys() == worker.keys()
+    for k in main:
+        np.testing.assert_array_equal(worker[k], main[k], err_msg=k)
+
+
+def test_set_num_threads_1_holds_blas_at_one_thread_and_gives_it_back(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    n = len(blas_threads())
+    threads.set_num_threads(3)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        threads.set_num_threads(1)
+        assert blas_threads() == [1] * n
+        assert threads.parallel_map(np, lambda s: blas_threads(), [slice(0, 2)]) == [[1] * n]
+        assert blas_threads() == [1] * n  # still, after the region
+        threads.set_num_threads(2)
+        assert blas_threads() == [2] * n
+        in_thread(lambda: threads.set_num_threads(1))  # from any thread
+        assert blas_threads() == [1] * n
+        threadpoolctl.threadpool_limits(2, user_api="blas")  # raised behind xpnet's back
+        threads.set_num_threads(1)  # one thread again
+        assert blas_threads() == [1] * n
+        threads.set_num_threads(2)  # the count before the first pin
+        assert blas_threads() == [2] * n
+
+
+def test_xpnet_num_threads_1_holds_blas_at_one_thread_from_import():
+    """A fresh process with XPNET_NUM_THREADS=1 (and no other thread variable): BLAS at
+    one thread after ``import xpnet``, inside xpnet's regions and after a training step."""
+    pytest.importorskip("threadpoolctl")
+    script = textwrap.dedent("""
+        import json
+        import numpy as np
+        import threadpoolctl
+
+        def blas():
+            return [p["num_threads"] for p in threadpoolctl.threadpool_info()
+                    if p["user_api"] == "blas"]
+
+        before = blas()
+        import xpnet
+        from xpnet.backend import get_num_threads, threads
+        from xpnet.models import SimpleConvNet
+
+        after_import = blas()
+        inside = threads.parallel_map(np, lambda s: blas(), threads.batch_slices(np, 8))
+        net = SimpleConvNet()
+        x = np.random.default_rng(0).random((8, 1, 28, 28)).astype(np.float32)
+        net.gradient(x, np.arange(8) % 10)
+        print(json.dumps({"before": before, "after_import": after_import, "inside": inside,
+                          "after_step": blas(), "xpnet": get_num_threads()}))
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["XPNET_NUM_THREADS"] = "1"
+    root = str(Path(xpnet.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if not seen["before"] or max(seen["before"]) == 1:
+        pytest.skip(f"BLAS starts at one thread here ({seen['before']}): nothing to hold")
+    one = [1] * len(seen["before"])
+    assert seen["xpnet"] == 1
+    assert seen["after_import"] == one, seen
+    assert seen["inside"] == [one], seen
+    assert seen["after_step"] == one, seen
+
+
+class FakeBlas:
+    """A BLAS library stand-in: a process-wide or a per-thread count."""
+
+    def __init__(self, per_thread=False, obeys=True, count=4):
+        self.name, self.per_thread, self.warned = "fake", per_thread, False
+        self.obeys, self.default = obeys, count
+        self.shared, self.local = count, threading.local()
+
+    def get(self):
+        return getattr(self.local, "count", self.default) if self.per_thread else self.shared
+
+    def set(self, n):
+        if not self.obeys:
+            return
+        if self.per_thread:
+            self.local.count = n
+        else:
+            self.shared = n
+
+
+def test_a_blas_that_does_not_take_the_limit_is_reported_once(restore_threads, monkeypatch):
+    stubborn = FakeBlas(obeys=False)
+    monkeypatch.setattr(threads, "_blas", [stubborn])
+    threads.set_num_threads(2)
+    with pytest.warns(RuntimeWarning, match="could not hold BLAS at one thread: fake still "
+                                            "reports 4 threads"):
+        threads.parallel_map(np, lambda s: None, [slice(0, 1), slice(1, 2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        threads.parallel_map(np, lambda s: None, [slice(0, 1), slice(1, 2)])
+
+
+def test_per_thread_blas_is_held_on_every_thread_that_runs_a_slice(restore_threads,
+                                                                    monkeypatch):
+    """OpenBLAS on OpenMP keeps a count per calling thread: each slice's thread is set."""
+    omp = FakeBlas(per_thread=True)
+    monkeypatch.setattr(threads, "_blas", [omp])
+    threads.set_num_threads(2)
+    counts = threads.parallel_map(np, lambda s: (omp.get(), threading.get_ident()),
+                                  [slice(0, 1), slice(1, 2)])
+    assert [c for c, _ in counts] == [1, 1]
+    assert counts[0][1] != counts[1][1]
+    assert omp.get() == 4  # the caller's own count is given back
