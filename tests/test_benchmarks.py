@@ -118,7 +118,8 @@ def test_profile_layers_accounts_for_every_layer(tmp_path, model):
     parts = result["parts_ms"]
     layers = {key.rsplit(" ", 1)[0] for key in parts if key != "optimizer"}
     assert "optimizer" in parts and len(result["step_ms"]) == 1
-    expected = {"mlp": 9, "deep-convnet": 20}[model]  # layers before the loss
+    # layers before the loss (DeepConvNet's six Convolution -> ReLU pairs are ConvReLU layers)
+    expected = {"mlp": 9, "deep-convnet": 14}[model]
     assert len(layers) == expected, sorted(layers)
     assert all(math.isfinite(v) and v >= 0 for v in parts.values())
     assert "| part | ms | share |" in done.stdout
