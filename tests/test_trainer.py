@@ -13,7 +13,7 @@ from xpnet import backend
 from xpnet.backend import get_array_module, to_cpu
 from xpnet.datasets import load_mnist
 from xpnet.layers import Affine, ReLU, SoftmaxWithLoss
-from xpnet.models import MultiLayerNet, MultiLayerNetExtend
+from xpnet.models import MultiLayerNet, MultiLayerNetExtend, SimpleConvNet
 from xpnet.optim import SGD, StepLR
 from xpnet.train import CheckpointManager, NonFiniteLossError, Trainer
 
@@ -258,7 +258,8 @@ def test_labels_are_checked_once_up_front(xp):
     x, t, xt, tt = mnist(300, 50)
     bad = t.astype(np.int64)
     bad[7] = 10
-    with pytest.raises(ValueError, match=r"t_train: label range: expected 0\.\.9, received 0\.\.10"):
+    with pytest.raises(ValueError, match=r"t_train: label range: expected 0\.\.9, received "
+                                         r"0\.\.10"):
         Trainer(small_net(), x, bad, xt, tt, epochs=1, verbose=False).train()
     flags = []
     net = small_net()
@@ -380,3 +381,48 @@ def test_bn_network_runs_on_the_backend(xp):
     trainer.train()
     assert get_array_module(net.buffers["running_mean1"]) is xp
     assert not np.all(to_cpu(net.buffers["running_mean1"]) == 0)
+
+
+# ------------------------------------------------------------- augmentation
+def test_random_shift_moves_each_image_within_two_pixels():
+    from xpnet.train.augment import random_shift
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((50, 1, 8, 8), dtype=np.float32)
+    x[:, 0, 4, 4] = 1  # one lit pixel per image
+    y = random_shift(x, rng)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    where = np.argwhere(y[:, 0] == 1)
+    assert len(where) == 50  # nothing lost: the pixel stays inside
+    offsets = where[:, 1:] - 4
+    assert np.abs(offsets).max() <= 2 and len({tuple(o) for o in offsets}) > 5
+    assert y.sum() == 50
+    again = random_shift(x, np.random.default_rng(0))
+    np.testing.assert_array_equal(again, y)  # seeded
+
+
+def test_augmented_training_resumes_bit_for_bit(tmp_path):
+    (x, t), (xt, tt) = load_mnist(flatten=False)
+    x, t, xt, tt = x[:600], t[:600], xt[:100], tt[:100]
+
+    def run(directory, epochs, resume=False, augment="shift"):
+        backend.seed(0)
+        net = SimpleConvNet(conv_param={"filter_num": 4, "filter_size": 5, "pad": 0,
+                                        "stride": 1}, hidden_size=10)
+        trainer = Trainer(net, x, t, xt, tt, epochs=epochs, mini_batch_size=100, seed=3,
+                          verbose=False, augment=augment, checkpoint_dir=directory)
+        trainer.train(resume=resume)
+        return {k: v.copy() for k, v in net.params.items()}, trainer
+
+    whole, trainer = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    resumed, _ = run(tmp_path / "b", 2, resume=True)
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], resumed[k], err_msg=k)
+    plain, _ = run(tmp_path / "c", 2, augment=None)
+    assert not np.array_equal(plain["W1"], whole["W1"])  # the shifts did change training
+    with pytest.raises(ValueError, match="flatten=False"):
+        Trainer(SimpleConvNet(), x.reshape(600, -1), t, xt.reshape(100, -1), tt,
+                augment="shift")
+    with pytest.raises(ValueError, match="unknown augment"):
+        Trainer(SimpleConvNet(), x, t, xt, tt, augment="rotate")

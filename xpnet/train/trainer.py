@@ -38,7 +38,7 @@ import numbers
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
@@ -49,6 +49,7 @@ from xpnet.backend import get_array_module, get_rng, to_backend, to_cpu
 from xpnet.layers.loss import class_indices
 from xpnet.optim import CosineLR, StepLR, get_optimizer
 from xpnet.state import sha256_of
+from xpnet.train.augment import AUGMENTATIONS
 from xpnet.train.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -120,9 +121,10 @@ class Trainer:
         checkpoint_dir: write a checkpoint there after every epoch (and every
             ``checkpoint_every_steps`` steps); ``train(resume=True)`` continues from
             the latest one.  ``keep_checkpoints`` files are kept (default 3).
-        seed: seed of the shuffling generator (None: fresh entropy; its state is
-            saved in checkpoints either way).  Parameter initialisation and dropout
-            use ``xpnet.backend.seed`` / ``get_rng``, whose state is checkpointed too.
+        seed: seed of the shuffling (and augmentation) generators (None: fresh
+            entropy; their states are saved in checkpoints either way).  Parameter
+            initialisation uses ``xpnet.backend.seed``; each Dropout layer has its own
+            generator, whose state is checkpointed too.
         shuffle: False visits the training data in order every epoch.
         lr_schedule: None, 'cosine' (CosineLR over the whole run), 'step' (StepLR:
             lr x 0.1 every third of the run), a schedule object bound to this
@@ -135,6 +137,14 @@ class Trainer:
             (:class:`xpnet.train.TrainStep`); much faster for small layers. Not with
             ``clip_norm``, which reads the gradient norm back every step. Ignored on
             the CPU.
+        transforms: gradient transforms ``t(grads, params)`` run before clipping in
+            every step (:class:`xpnet.train.TrainStep`), e.g. a gradient all-reduce.
+        augment: 'shift' (each training image moved by up to 2 pixels,
+            :func:`xpnet.train.augment.random_shift`) or a function ``f(batch, rng)``
+            of a host batch (N, C, H, W); drawn from a generator seeded by ``seed``
+            and checkpointed, so a resumed run repeats the uninterrupted one.
+        verbose: also ``"book"``, which prints the book's lines (``train loss:`` per
+            step, ``=== epoch:...`` per epoch, the final test accuracy) instead of xpnet's.
     """
 
     def __init__(self, network: Any, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
@@ -147,7 +157,8 @@ class Trainer:
                  checkpoint_every_steps: int | None = None, seed: int | None = None,
                  shuffle: bool = True, lr_schedule: Any = None, clip_norm: float | None = None,
                  keep_checkpoints: int = 3, progress: bool | None = None,
-                 cuda_graph: bool = False, transforms: Iterable[Any] = ()) -> None:
+                 cuda_graph: bool = False, transforms: Iterable[Any] = (),
+                 augment: str | Callable[..., Any] | None = None) -> None:
         self.network = network
         for attr in ("params", "gradient", "accuracy", "predict"):
             if not hasattr(network, attr):
@@ -206,6 +217,17 @@ class Trainer:
         self.clip_norm = None if clip is None else clip.max_norm
         self.seed = seed
         self.shuffle = bool(shuffle)
+        if isinstance(augment, str):
+            if augment not in AUGMENTATIONS:
+                raise ValueError(f"Trainer: unknown augment {augment!r}; valid: "
+                                 f"{', '.join(AUGMENTATIONS)} or a function (batch, rng)")
+            augment = AUGMENTATIONS[augment]
+        if augment is not None and not callable(augment):
+            raise TypeError(f"Trainer: augment must be a name or a function, got {augment!r}")
+        if augment is not None and self.x_train.ndim != 4:
+            raise ValueError("Trainer: augment needs image data (N, C, H, W); load it with "
+                             f"flatten=False (x_train has shape {self.x_train.shape})")
+        self.augment = augment
 
         # the book's bookkeeping
         self.train_size = int(self.x_train.shape[0])
@@ -237,6 +259,9 @@ class Trainer:
                                      check_finite=True)
 
         self.rng = np.random.default_rng(seed)
+        # its own stream, so that augmenting changes neither the order nor the masks
+        self.augment_rng = np.random.default_rng(
+            None if seed is None else np.random.SeedSequence(seed).spawn(1)[0])
         self._epoch_start_state: dict[str, Any] = self.rng.bit_generator.state
         self._perm: np.ndarray | None = None
 
@@ -465,6 +490,7 @@ class Trainer:
             self.current_iter, self.network, self.optimizer, lr_schedule=self.lr_schedule,
             rng={"shuffle": self.rng.bit_generator.state,
                  "epoch_start": self._epoch_start_state, "backend": backend_rng,
+                 "augment": self.augment_rng.bit_generator.state,
                  "layers": (self.network.rng_states()
                             if hasattr(self.network, "rng_states") else {})},
             progress={"epoch": self.current_epoch, "step": self.current_iter,
@@ -574,6 +600,8 @@ class Trainer:
             self.rng.bit_generator.state = rng["epoch_start"]
             self._perm = self._draw_permutation()
         self.rng.bit_generator.state = rng["shuffle"]
+        if "augment" in rng:
+            self.augment_rng.bit_generator.state = rng["augment"]
 
         hist = ckpt.history
         self.history = {k: list(v) for k, v in hist.get("history", {}).items()}
@@ -705,7 +733,10 @@ class Trainer:
         """The step on the next batch of the epoch's order, then checkpoint and callbacks."""
         bs = self.batch_size
         idx = self._perm[self.position * bs:(self.position + 1) * bs]
-        loss = self._step(self._to_device_x(self.x_train[idx]),
+        x = self.x_train[idx]
+        if self.augment is not None:
+            x = self.augment(x, self.augment_rng)
+        loss = self._step(self._to_device_x(x),
                           self._to_device_t(self.t_train[idx]))
         self._epoch_images += len(idx)
         if (self.checkpoint_every_steps is not None
