@@ -255,10 +255,10 @@ def test_batchnorm_statistics(xp, rng):
 
 
 def test_dropout_gradients_and_scaling(xp, rng):
+    backend.seed(7)  # each Dropout draws its generator's seed at construction
     layer = Dropout(0.3)
     x = xp.asarray(rng.standard_normal((50, 40)))
     dout = xp.asarray(rng.standard_normal((50, 40)))
-    backend.seed(7)
     y = to_numpy(layer.forward(x))
     kept = y != 0
     assert 0.6 < kept.mean() < 0.8
@@ -273,22 +273,21 @@ def test_dropout_gradients_and_scaling(xp, rng):
 
 
 def test_dropout_gradient_check(xp, rng):
-    layer = Dropout(0.4)
     x = xp.asarray(rng.standard_normal((4, 6)))
     dout = xp.asarray(rng.standard_normal((4, 6)))
 
-    class FixedMask:  # reseed before each forward so every pass sees one mask
-        def __init__(self, inner):
-            self.inner, self.params, self.grads = inner, {}, {}
+    class FixedMask:  # a fresh, equally seeded layer per forward: every pass, one mask
+        def __init__(self, ratio):
+            self.ratio, self.params, self.grads = ratio, {}, {}
 
         def forward(self, x, train=True):
-            backend.seed(3)
+            self.inner = Dropout(self.ratio, seed=3)
             return self.inner.forward(x, train)
 
         def backward(self, d):
             return self.inner.backward(d)
 
-    assert check_layer(FixedMask(layer), x, dout)["x"] <= TOL
+    assert check_layer(FixedMask(0.4), x, dout)["x"] <= TOL
 
 
 @pytest.mark.parametrize("one_hot", [False, True])
