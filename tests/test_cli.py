@@ -46,7 +46,7 @@ def run_cli(*args: str, module: bool = False, env_extra: dict | None = None):
     (["--limit-train", "-5"], "--limit-train: must be >= 1"),
     (["--weight-decay", "-0.1"], "--weight-decay: must be >= 0"),
     (["--seed", "-1"], "--seed: must be >= 0"),
-    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--model", "alexnet"], "invalid choice: 'alexnet'"),
     (["--optimizer", "lion"], "invalid choice: 'lion'"),
     (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
     (["--resume"], "--resume needs --checkpoint-dir"),
@@ -388,3 +388,41 @@ def test_plot_labels_say_how_many_images(tmp_path):
     labels = fig.axes[1].get_legend_handles_labels()[1]
     assert labels == ["train (all 300 images)", "test (first 2000 images)",
                       "final test (all 3000 images)"]
+
+
+# ------------------------------------------------------- transfer learning, --save
+def test_save_then_init_from_with_frozen_layers(tmp_path, capsys):
+    from xpnet.state import load_state
+
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    small = ["--epochs", "1", "--limit-train", "300", "--quiet"]
+    assert cli.main([*small, "--save", str(first)]) == 0
+    assert cli.main([*small, "--init-from", str(first), "--freeze", "W1", "b1",
+                     "--group-lr", "W2=1e-5", "--augment", "shift", "--lr-schedule", "cosine",
+                     "--save", str(second)]) == 0
+    a, b = load_state(first).params, load_state(second).params
+    assert (a["W1"] == b["W1"]).all() and (a["b1"] == b["b1"]).all()  # frozen
+    assert not (a["W3"] == b["W3"]).all()  # trained on
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--group-lr", "W1"], "--group-lr W1: expected PREFIX=LR"),
+    (["--group-lr", "W1=-2"], "--group-lr W1=-2: expected PREFIX=LR"),
+    (["--freeze", "W9"], "freeze: no parameter matches ['W9']"),
+    (["--model", "mlp", "--augment", "shift"], "augment needs image data"),
+])
+def test_transfer_options_refused_in_one_line(argv, message, capsys):
+    assert cli.main([*argv, "--epochs", "1", "--limit-train", "200"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_init_from_a_file_of_another_network_names_the_shapes(tmp_path, capsys):
+    saved = tmp_path / "mlp.npz"
+    assert cli.main(["--model", "mlp", "--epochs", "1", "--limit-train", "200", "--quiet",
+                     "--save", str(saved)]) == 0
+    capsys.readouterr()
+    assert cli.main(["--init-from", str(saved), "--epochs", "1", "--limit-train", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "W1" in err and "(784, 100)" in err and "Traceback" not in err

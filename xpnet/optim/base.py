@@ -621,5 +621,7 @@ class Optimizer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper().items()
                          if not (k == "clip_norm" and v is None))
+        if self.groups:
+            args += ", groups=" + repr([{**g, "params": list(g["params"])} for g in self.groups])
         return f"{type(self).__name__}({args})"
 

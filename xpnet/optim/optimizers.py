@@ -14,12 +14,15 @@ parameter's dtype as NumPy casts a Python float.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 from xpnet.backend.kernels import elementwise_kernel
 from xpnet.optim.base import _NONNEG, _UNIT, Array, Optimizer
+
+#: parameter groups: see :class:`~xpnet.optim.base.Optimizer`
+Groups = Sequence[Mapping[str, Any]] | None
 
 __all__ = [
     "SGD",
@@ -48,8 +51,9 @@ def _update_kernel(name: str, body: str, *slots: str) -> tuple:
 class SGD(Optimizer):
     """Stochastic gradient descent: ``p -= lr * g``."""
 
-    def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
-        super().__init__(lr=lr, clip_norm=clip_norm)
+    def __init__(self, lr: float = 0.01, clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
+        super().__init__(lr=lr, clip_norm=clip_norm, groups=groups)
 
     _kernel = _update_kernel("sgd", "p -= g * (T)h[0];")
 
@@ -68,8 +72,9 @@ class Momentum(Optimizer):
     hyper_rules = {**Optimizer.hyper_rules, "momentum": _UNIT}
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.9,
-                 clip_norm: float | None = None) -> None:
-        super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
+                 clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
+        super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm, groups=groups)
 
     _kernel = _update_kernel("momentum", "v = v * (T)h[0]; v -= g * (T)h[1]; p += v;", "v")
 
@@ -97,8 +102,9 @@ class Nesterov(Optimizer):
     hyper_rules = {**Optimizer.hyper_rules, "momentum": _UNIT}
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.9,
-                 clip_norm: float | None = None) -> None:
-        super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm)
+                 clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
+        super().__init__(lr=lr, momentum=momentum, clip_norm=clip_norm, groups=groups)
 
     _kernel = _update_kernel(
         "nesterov", "v = v * (T)h[0]; v -= g * (T)h[1]; p += v * (T)h[2]; p -= g * (T)h[3];", "v")
@@ -124,8 +130,9 @@ class AdaGrad(Optimizer):
 
     slot_names = ("h",)
 
-    def __init__(self, lr: float = 0.01, clip_norm: float | None = None) -> None:
-        super().__init__(lr=lr, clip_norm=clip_norm)
+    def __init__(self, lr: float = 0.01, clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
+        super().__init__(lr=lr, clip_norm=clip_norm, groups=groups)
 
     _kernel = _update_kernel(
         "adagrad", "hh += g * g; p -= g / (sqrt(hh) + (T)h[1]) * (T)h[0];", "hh")
@@ -150,8 +157,9 @@ class RMSprop(Optimizer):
     hyper_rules = {**Optimizer.hyper_rules, "decay_rate": _UNIT}
 
     def __init__(self, lr: float = 0.01, decay_rate: float = 0.99,
-                 clip_norm: float | None = None) -> None:
-        super().__init__(lr=lr, decay_rate=decay_rate, clip_norm=clip_norm)
+                 clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
+        super().__init__(lr=lr, decay_rate=decay_rate, clip_norm=clip_norm, groups=groups)
 
     _kernel = _update_kernel(
         "rmsprop",
@@ -196,8 +204,9 @@ class Adam(Optimizer):
     hyper_rules = {**Optimizer.hyper_rules, "beta1": _UNIT, "beta2": _UNIT}
 
     def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
-                 clip_norm: float | None = None) -> None:
-        super().__init__(lr=lr, beta1=beta1, beta2=beta2, clip_norm=clip_norm)
+                 clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, clip_norm=clip_norm, groups=groups)
 
     def _begin_step(self) -> None:
         t = self.step_count
@@ -257,13 +266,14 @@ class AdamW(Adam):
     def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
                  weight_decay: float = 0.01,
                  decay_filter: Callable[[str], bool] | None = default_decay_filter,
-                 clip_norm: float | None = None) -> None:
+                 clip_norm: float | None = None,
+                 groups: Groups = None) -> None:
         if decay_filter is not None and not callable(decay_filter):
             raise TypeError(f"AdamW: decay_filter must be a callable key -> bool or None, "
                             f"got {decay_filter!r}")
         self.decay_filter = decay_filter
         Optimizer.__init__(self, lr=lr, beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, clip_norm=clip_norm)
+                           weight_decay=weight_decay, clip_norm=clip_norm, groups=groups)
 
     _kernel = Adam._kernel  # plus _DECAY_KERNEL, in _fused_one
 

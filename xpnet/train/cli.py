@@ -152,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on the GPU, record the train step as a CUDA graph and replay it "
                         "(faster; ignored on the CPU)")
+    p.add_argument("--augment", choices=["shift"], default=None,
+                   help="shift: move each training image by up to 2 pixels (seeded)")
+    p.add_argument("--lr-schedule", choices=["cosine", "step"], default=None,
+                   help="cosine: lr decays to 0 over the run; step: x0.1 every third")
+    p.add_argument("--init-from", metavar="FILE", default=None,
+                   help="start from the parameters in FILE (a --save or checkpoint file, or "
+                        "the book's weights after xpnet-import-weights); names the network "
+                        "lacks or the file lacks are listed and skipped")
+    p.add_argument("--freeze", metavar="PREFIX", nargs="+", default=None,
+                   help="train without these parameters (names like W1, or blocks like "
+                        "stage1)")
+    p.add_argument("--group-lr", metavar="PREFIX=LR", nargs="+", default=None,
+                   help="a learning rate of their own for the parameters under PREFIX, e.g. "
+                        "--group-lr W1=1e-4 W2=1e-4 (fine-tuning a trunk more gently)")
+    p.add_argument("--save", metavar="FILE.npz", default=None,
+                   help="write the trained parameters to FILE at the end (xpnet's format)")
     return p
 
 
@@ -326,10 +342,27 @@ def _model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser,
     return kwargs
 
 
+def _groups(specs: Sequence[str] | None) -> list[dict[str, Any]]:
+    """``--group-lr PREFIX=LR ...`` as optimizer groups."""
+    groups = []
+    for spec in specs or ():
+        prefix, sep, value = spec.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not sep or not prefix or not math.isfinite(lr) or lr <= 0:
+            raise _Refused(f"--group-lr {spec}: expected PREFIX=LR with LR > 0, e.g. W1=1e-4")
+        groups.append({"params": prefix, "lr": lr})
+    return groups
+
+
 def _optimizer_param(args: argparse.Namespace, resuming: bool) -> dict[str, Any]:
     param: dict[str, Any] = {}
     if args.lr is not None and not resuming:  # a checkpoint brings its own
         param["lr"] = args.lr
+    if args.group_lr:
+        param["groups"] = _groups(args.group_lr)
     if args.optimizer == "adamw" and args.weight_decay is not None:
         param["weight_decay"] = args.weight_decay
     return param
@@ -474,9 +507,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend.seed(args.seed)
     network = build_model(args.model, **model_kwargs)
     try:
+        if args.init_from is not None:
+            report = network.load_params(args.init_from, strict=False)
+            say(f"initialised from {args.init_from}"
+                + (f"; not in the file (kept fresh): {', '.join(report.missing)}"
+                   if report.missing else "")
+                + (f"; in the file only (skipped): {', '.join(report.unexpected)}"
+                   if report.unexpected else ""))
+        if args.freeze:
+            say(f"frozen: {', '.join(network.freeze(*args.freeze))}")
+        optimizer_param = _optimizer_param(args, ckpt is not None)
+    except _Refused as exc:
+        return refuse(str(exc))
+    except (KeyError, ValueError) as exc:
+        return refuse(_cli_words(str(exc).strip('"'), args))
+    try:
         trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=args.epochs,
                           mini_batch_size=batch, optimizer=args.optimizer,
-                          optimizer_param=_optimizer_param(args, ckpt is not None),
+                          optimizer_param=optimizer_param, augment=args.augment,
+                          lr_schedule=args.lr_schedule,
                           evaluate_sample_num_per_epoch=EVAL_SAMPLES, verbose=not args.quiet,
                           checkpoint_dir=args.checkpoint_dir,
                           checkpoint_every_steps=args.checkpoint_every, seed=args.seed,
@@ -520,4 +569,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         say(f"saved the curves to {args.plot}")
+    if args.save is not None:
+        try:
+            network.save_params(args.save)
+        except OSError as exc:
+            print(f"error: --save {args.save}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        say(f"saved the parameters to {args.save}")
     return 0
