@@ -51,7 +51,7 @@ def run_cli(*args: str, module: bool = False, env_extra: dict | None = None):
     (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--checkpoint-every", "10"], "--checkpoint-every needs --checkpoint-dir"),
-    (["--weight-decay", "0.1"], "needs --model mlp or mlp-extend"),
+    (["--weight-decay", "0.1"], "needs a model with L2 weight decay in the loss"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -47,9 +47,22 @@ SPECS = {
                           "first_misclassified", "half_precision"},
                          {"test_accuracy", "float16_inference"},
                          ("deep_convnet_params.npz",)),
+    "ch8_transfer_learning": ({"pretraining", "load_report", "frozen_trunk_max_change",
+                               "mean_test_acc", "min_max_test_acc", "mean_train_seconds",
+                               "cells"},
+                              {"pretrained_beats_scratch_at_100",
+                               "pretrained_beats_scratch_at_1000",
+                               "frozen_beats_scratch_at_100", "advantage_shrinks_with_data"},
+                              ()),
+    "ch8_segmentation": ({"test", "val", "train_seconds", "val_mean_iou_per_epoch",
+                          "bilinear_upsampling", "any_size"},
+                         {"mean_iou", "bilinear_init"}, ()),
+    "ch8_detection": ({"test", "val", "train_regions", "train_seconds", "warp_max_abs_diff"},
+                      {"map50", "proposal_recall", "labelling_matches_flood_fill",
+                       "warp_matches_resize_bilinear"}, ()),
 }
 SLOW = {"ch6_activation_histograms", "ch6_batch_norm", "ch6_hyperparameter_search",
-        "ch7_simple_convnet", "ch8_deep_convnet"}
+        "ch7_simple_convnet", "ch8_deep_convnet", "ch8_transfer_learning", "ch8_detection"}
 TOP_KEYS = {"experiment", "title", "book", "quick", "seed", "settings", "results", "checks",
             "figures", "notes", "environment", "started", "wall_time_s"}
 

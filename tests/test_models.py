@@ -17,7 +17,6 @@ import pytest
 from xpnet import backend
 from xpnet.backend import BackendError, BackendMismatchError, to_cpu
 from xpnet.gradcheck import numerical_gradient, relative_error
-from xpnet.state import load_state
 from xpnet.layers import (
     Affine,
     BatchNormalization,
@@ -40,6 +39,7 @@ from xpnet.models import (
     SimpleConvNet,
     build_model,
 )
+from xpnet.state import load_state
 
 TOL = 1e-6
 F64 = np.float64

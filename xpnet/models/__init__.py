@@ -13,11 +13,15 @@ from xpnet.book_weights import import_book_params
 from xpnet.models.convnet import DeepConvNet, SimpleConvNet
 from xpnet.models.mlp import ACTIVATIONS, MultiLayerNet, MultiLayerNetExtend
 from xpnet.models.network import LoadReport, Network, ParamMap, Sequential
+from xpnet.models.zoo import VGG, GoogLeNet, ResNet
 
 __all__ = [
     "ACTIVATIONS",
     "MODELS",
     "DeepConvNet",
+    "GoogLeNet",
+    "ResNet",
+    "VGG",
     "MultiLayerNet",
     "MultiLayerNetExtend",
     "LoadReport",
@@ -32,7 +36,8 @@ __all__ = [
 #: the networks by the names the command line uses
 MODELS: dict[str, type[Sequential]] = {
     cls.model_name: cls
-    for cls in (MultiLayerNet, MultiLayerNetExtend, SimpleConvNet, DeepConvNet)
+    for cls in (MultiLayerNet, MultiLayerNetExtend, SimpleConvNet, DeepConvNet, VGG, GoogLeNet,
+                ResNet)
 }
 
 

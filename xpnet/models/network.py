@@ -43,6 +43,7 @@ from xpnet.gradcheck import numerical_gradient as _numerical_gradient
 from xpnet.layers import Layer, SoftmaxWithLoss
 from xpnet.layers.compose import Chain, named_slots, walk
 from xpnet.layers.loss import class_indices
+from xpnet.models.summary import summary as _summary
 from xpnet.state import load_state, save_state
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -244,6 +245,11 @@ class Network:
         inner = "".join(f"\n  {line}" for layer in self.layers for line in repr(layer).split("\n"))
         return (f"{type(self).__name__}({inner},\n  loss={self.loss_layer!r}\n)"
                 f"  # {self.num_params} params, {self.dtype}, {self.backend_name}")
+
+    def summary(self, input_shape: Sequence[int] | None = None) -> str:
+        """The layer tree with output shapes, parameter counts and multiply-adds
+        (:func:`xpnet.models.summary.summary`)."""
+        return _summary(self, input_shape)
 
     # ------------------------------------------------------------- freezing
     def _select(self, prefixes: Sequence[str], what: str) -> list[str]:

@@ -335,9 +335,10 @@ def _model_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser,
     elif args.model == "simple-convnet":
         kwargs = {"weight_init_std": "relu"}  # He init: converges faster than the book's 0.01
     if args.weight_decay is not None and args.optimizer != "adamw":
-        if args.model not in ("mlp", "mlp-extend"):
-            parser.error(f"--weight-decay with --optimizer {args.optimizer} needs --model mlp "
-                         "or mlp-extend (L2 weight decay in the loss); or use --optimizer adamw")
+        if args.model in ("simple-convnet", "deep-convnet"):
+            parser.error(f"--weight-decay with --optimizer {args.optimizer} needs a model with "
+                         "L2 weight decay in the loss (mlp, mlp-extend, vgg, googlenet, resnet); "
+                         "or use --optimizer adamw")
         kwargs["weight_decay_lambda"] = args.weight_decay
     return kwargs
 

@@ -351,7 +351,8 @@ class Trainer:
     def _check_labels(self) -> None:
         """Validate every label array once, on the host, against the network's outputs
         (:func:`xpnet.layers.loss.class_indices`, the check the loss makes)."""
-        y = self.network.predict(self._to_device_x(self.x_train[:1]))
+        with np.errstate(all="ignore"):  # an untrained net may overflow: only the shape counts
+            y = self.network.predict(self._to_device_x(self.x_train[:1]))
         self._num_classes = int(y.shape[1])
         ignore = getattr(getattr(self.network, "loss_layer", None), "ignore_label", None)
         problems = []
@@ -390,7 +391,7 @@ class Trainer:
             xs, ts = x[s:s + _EVAL_CHUNK], t[s:s + _EVAL_CHUNK]
             acc = float(self.network.accuracy(self._to_device_x(xs), self._to_device_t(ts),
                                               **kwargs))
-            correct += round(acc * len(xs))
+            correct += acc * len(xs)  # per-pixel accuracies are not whole counts
         return correct / n
 
     # ---------------------------------------------------------------- output
