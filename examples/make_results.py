@@ -30,6 +30,10 @@ EXPERIMENTS = [
     ("ch6_hyperparameter_search", "8"),
     ("ch7_simple_convnet", "9"),
     ("ch8_deep_convnet", "10"),
+    ("ch8_transfer_learning", "11"),
+    ("ch8_segmentation", "12"),
+    ("ch8_detection", "13"),
+    ("ch8_captioning", "14"),
 ]
 
 

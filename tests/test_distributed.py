@@ -621,3 +621,32 @@ def test_ring_allreduce_model():
     assert bench.ring_allreduce_s(4, 1e6, 1e9, 1e-6) == pytest.approx(1.5e-3 + 6e-6)
     assert bench.gpu_step_ms(100) == pytest.approx(bench.gpu_step_ms(100.0))
     assert bench.gpu_step_ms(8) == bench.gpu_step_ms(32)  # launch-bound floor
+
+
+# ------------------------------------------------------------ the command line
+@needs_mpi
+def test_train_py_on_two_ranks_equals_one_process(tmp_path):
+    """`train.py --save` after 1 epoch: 2 ranks give one process's parameters (float32
+    rounding of the reduction order); rank 0 alone prints and writes."""
+    from xpnet.state import load_state
+
+    common = ["--model", "mlp", "--epochs", "1", "--limit-train", "2000", "--seed", "0",
+              "--quiet"]
+    one = _run([sys.executable, str(ROOT / "train.py"), *common, "--save",
+                str(tmp_path / "one.npz")])
+    assert one.returncode == 0, one.stdout
+    two = _mpirun(ROOT / "train.py", *common, "--save", str(tmp_path / "two.npz"))
+    assert two.returncode == 0, two.stdout
+    assert two.stdout.count("test accuracy:") == 1, two.stdout  # rank 0 only
+    a, b = load_state(tmp_path / "one.npz").params, load_state(tmp_path / "two.npz").params
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@needs_mpi
+def test_train_py_refuses_a_batch_the_ranks_do_not_divide(tmp_path):
+    done = _mpirun(ROOT / "train.py", "--model", "mlp", "--epochs", "1", "--limit-train",
+                   "500", "--batch-size", "99")
+    assert done.returncode != 0
+    assert "multiple of the 2 processes" in done.stdout

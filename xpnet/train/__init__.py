@@ -8,6 +8,7 @@ This package may import :mod:`xpnet.models`, :mod:`xpnet.optim`, :mod:`xpnet.dat
 and :mod:`xpnet.backend`; none of those import it.
 """
 
+from xpnet.train import distributed
 from xpnet.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -16,12 +17,15 @@ from xpnet.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from xpnet.train.step import TrainStep
+from xpnet.train.step import ClipGradNorm, NonFiniteError, TrainStep
 from xpnet.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "Trainer",
     "TrainStep",
+    "ClipGradNorm",
+    "NonFiniteError",
+    "distributed",
     "NonFiniteLossError",
     "save_checkpoint",
     "load_checkpoint",

@@ -38,6 +38,7 @@ from xpnet.datasets.mnist import DATASETS
 from xpnet.models import MODELS, build_model
 from xpnet.optim import OPTIMIZERS
 from xpnet.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from xpnet.train.distributed import DistributedError, check_world, world
 from xpnet.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["main", "build_parser", "DEFAULT_EPOCHS"]
@@ -479,8 +480,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except backend.BackendError as exc:
         return refuse(_cli_words(str(exc), args))
 
+    # data parallelism: under `mpiexec -n N python -m mpi4py train.py ...`, N processes
+    comm = world()
+    root = comm.is_root
+    if comm.size > 1:
+        try:
+            check_world(comm, {k: v for k, v in vars(args).items()
+                               if k not in ("quiet", "plot", "save")})
+        except DistributedError as exc:
+            return refuse(str(exc))
+
     def say(text: str) -> None:
-        if not args.quiet:
+        if not args.quiet and root:
             print(text, flush=True)
 
     def warn(text: str) -> None:
@@ -526,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=args.epochs,
                           mini_batch_size=batch, optimizer=args.optimizer,
                           optimizer_param=optimizer_param, augment=args.augment,
-                          lr_schedule=args.lr_schedule,
+                          lr_schedule=args.lr_schedule, comm=comm,
                           evaluate_sample_num_per_epoch=EVAL_SAMPLES, verbose=not args.quiet,
                           checkpoint_dir=args.checkpoint_dir,
                           checkpoint_every_steps=args.checkpoint_every, seed=args.seed,
@@ -558,6 +569,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - t0
+    if not root:
+        return 0  # rank 0 reports and writes files
+    if comm.size > 1:
+        say(f"data parallel: {comm.size} processes ({comm.kind}), batch {batch // comm.size} "
+            "each")
     if args.quiet:
         print(f"test accuracy: {100 * trainer.final_test_acc:.2f}%")
     else:

@@ -57,6 +57,7 @@ from xpnet.train.checkpoint import (
     load_checkpoint,
     network_backend,
 )
+from xpnet.train.distributed import GradientAllReduce, average_buffers, broadcast_parameters, shard
 from xpnet.train.step import ClipGradNorm, NonFiniteError, TrainStep
 
 __all__ = ["Trainer", "NonFiniteLossError"]
@@ -143,6 +144,13 @@ class Trainer:
             :func:`xpnet.train.augment.random_shift`) or a function ``f(batch, rng)``
             of a host batch (N, C, H, W); drawn from a generator seeded by ``seed``
             and checkpointed, so a resumed run repeats the uninterrupted one.
+        comm: a communicator of :mod:`xpnet.train.distributed` (``world()``) for
+            data-parallel training: ``mini_batch_size`` is the global batch, each process
+            takes its slice of every global batch of one shared permutation, gradients
+            are averaged by one all-reduce per step, rank 0's parameters are broadcast at
+            the start, batch-norm statistics stay per process while training and are
+            averaged before each evaluation and checkpoint; only rank 0 prints and writes
+            checkpoints.  Resuming with another number of processes is refused.
         verbose: also ``"book"``, which prints the book's lines (``train loss:`` per
             step, ``=== epoch:...`` per epoch, the final test accuracy) instead of xpnet's.
     """
@@ -158,8 +166,10 @@ class Trainer:
                  shuffle: bool = True, lr_schedule: Any = None, clip_norm: float | None = None,
                  keep_checkpoints: int = 3, progress: bool | None = None,
                  cuda_graph: bool = False, transforms: Iterable[Any] = (),
-                 augment: str | Callable[..., Any] | None = None) -> None:
+                 augment: str | Callable[..., Any] | None = None, comm: Any = None) -> None:
         self.network = network
+        # data parallelism (xpnet.train.distributed): None or a world of one is one process
+        self.comm = comm if comm is not None and comm.size > 1 else None
         for attr in ("params", "gradient", "accuracy", "predict"):
             if not hasattr(network, attr):
                 raise TypeError(f"Trainer: the network lacks {attr!r} (the book's network "
@@ -169,7 +179,10 @@ class Trainer:
         self.evaluate_sample_num_per_epoch = _int_at_least(
             "evaluate_sample_num_per_epoch", evaluate_sample_num_per_epoch, 1, allow_none=True)
         self.book_output = verbose == "book"
-        self.verbose = bool(verbose)
+        self.verbose = bool(verbose) and (self.comm is None or self.comm.is_root)
+        if self.comm is not None and self.batch_size % self.comm.size:
+            raise ValueError(f"Trainer: mini_batch_size {self.batch_size} is the global batch "
+                             f"and must be a multiple of the {self.comm.size} processes")
         self.progress = progress
 
         self.x_train, self.t_train = _host_array("x_train", x_train), _host_array("t_train",
@@ -254,6 +267,8 @@ class Trainer:
                              "clipping reads the gradient norm back from the GPU every step)")
         self.cuda_graph = bool(cuda_graph)
         # the one step path: gradient -> transforms (all-reduce, then clipping) -> update
+        if self.comm is not None:  # averaged first, so that clipping sees the mean gradient
+            transforms = [GradientAllReduce(self.comm), *transforms]
         self.step_runner = TrainStep(network, self.optimizer, cuda_graph=self.cuda_graph,
                                      transforms=[*transforms, *([clip] if clip else [])],
                                      check_finite=True)
@@ -471,12 +486,17 @@ class Trainer:
             "train_size": self.train_size, "sample_shape": list(self.x_train.shape[1:]),
             "train_labels_sha256": sha256_of(self.t_train),
             "val_size": None if self.x_val is None else int(len(self.x_val)),
+            "world_size": 1 if self.comm is None else self.comm.size,
         }
 
     def _save_checkpoint(self) -> Path | None:
         if self._manager is None:
             return None
         self._flush()  # never write a checkpoint after a non-finite loss
+        if self.comm is not None:
+            average_buffers(self.network, self.comm)  # collective: every rank comes here
+            if not self.comm.is_root:
+                return None
         arrays: dict[str, Any] = {
             "train_loss_list": np.asarray(self.train_loss_list, dtype=np.float64)}
         if self._best_state is not None:
@@ -516,7 +536,7 @@ class Trainer:
         saved = ckpt.config.get("trainer", {})
         mine = self._trainer_config()
         for key in ("mini_batch_size", "train_size", "sample_shape", "train_labels_sha256",
-                    "shuffle", "val_size"):
+                    "shuffle", "val_size", "world_size"):
             if key in saved and saved[key] != mine[key]:
                 what = "(the training labels differ)" if key == "train_labels_sha256" else \
                     f"{saved[key]!r} in the checkpoint, {mine[key]!r} now"
@@ -693,9 +713,11 @@ class Trainer:
                 raise FileExistsError(
                     f"{self.checkpoint_dir} already holds checkpoints (latest: {latest.name}); "
                     "pass resume=True to continue that run, or use an empty directory")
-        if self._manager is not None:
+        if self._manager is not None and (self.comm is None or self.comm.is_root):
             self._manager.remove_stale_temp_files()
             self._manager.check_writable()  # before the first step, not after an epoch
+        if self.comm is not None:  # one start for all: rank 0's weights (also after a resume)
+            broadcast_parameters(self.network, self.comm)
 
         loss_layers = self._loss_layers()
         saved_flags = [(layer, layer.validate_labels) for layer in loss_layers]
@@ -734,12 +756,14 @@ class Trainer:
         """The step on the next batch of the epoch's order, then checkpoint and callbacks."""
         bs = self.batch_size
         idx = self._perm[self.position * bs:(self.position + 1) * bs]
+        if self.comm is not None:  # this process's slice of the global batch
+            idx = shard(idx, self.comm.rank, self.comm.size)
         x = self.x_train[idx]
         if self.augment is not None:
             x = self.augment(x, self.augment_rng)
         loss = self._step(self._to_device_x(x),
                           self._to_device_t(self.t_train[idx]))
-        self._epoch_images += len(idx)
+        self._epoch_images += bs if self.comm is not None else len(idx)
         if (self.checkpoint_every_steps is not None
                 and self.current_iter % self.checkpoint_every_steps == 0):
             self._save_checkpoint()
@@ -801,6 +825,8 @@ class Trainer:
     def _end_epoch(self, bar: Any) -> None:
         """Flush, evaluate, record, report, early-stop and checkpoint; closes ``bar``."""
         self._flush()
+        if self.comm is not None:  # every rank evaluates the same averaged statistics
+            average_buffers(self.network, self.comm)
         epoch = self.current_epoch + 1
         elapsed = time.perf_counter() - self._epoch_t0
         ips = self._images_per_sec()
