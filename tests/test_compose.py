@@ -799,3 +799,25 @@ def test_trainer_non_finite_stop_keeps_network_usable(rng):
             np.testing.assert_array_equal(v, buffers[k], err_msg=k)
         y = net.predict(np.delete(x, 13, axis=0))
         assert np.isfinite(y).all()
+
+
+def test_a_frozen_trunk_costs_no_backward(xp, rng):
+    """Layers before the first trained parameter are not back-propagated through; the
+    trained head's gradient is the same as without freezing."""
+    conv = Convolution(xp.asarray(rng.standard_normal((3, 1, 3, 3))), xp.zeros(3), 1, 1)
+    head = Affine(xp.asarray(rng.standard_normal((3 * 36, 4))), xp.zeros(4))
+    net = Network([Chain(conv, ReLU(), name="trunk"), head])
+    x = xp.asarray(rng.standard_normal((2, 1, 6, 6)))
+    t = xp.asarray(np.array([1, 3]))
+    full = {k: to_cpu(v).copy() for k, v in net.gradient(x, t).items()}
+    calls = []
+    plain = conv.backward
+    conv.backward = lambda *a, **k: calls.append(1) or plain(*a, **k)
+    net.freeze("trunk")
+    frozen = net.gradient(x, t)
+    assert calls == [] and set(frozen) == {"W1", "b1"}  # the head's own names
+    for k in frozen:
+        np.testing.assert_array_equal(to_cpu(frozen[k]), full[k], err_msg=k)
+    net.unfreeze()
+    net.gradient(x, t)
+    assert calls == [1]

@@ -710,7 +710,10 @@ def test_build_model_and_rebuild_from_config(xp, name):
                             "use_batchnorm": True, "use_dropout": True},
              "simple-convnet": {"input_dim": (1, 6, 6), "hidden_size": 4,
                                 "conv_param": {"filter_num": 2, "filter_size": 3}},
-             "deep-convnet": {"input_dim": (1, 12, 12), "hidden_size": 5}}[name]
+             "deep-convnet": {"input_dim": (1, 12, 12), "hidden_size": 5},
+             "vgg": {"config": [3, "M", 4], "input_dim": (1, 8, 8), "hidden_size": [5]},
+             "googlenet": {"config": [3, "M", [2, 2, 3, 1, 2, 2]], "input_dim": (1, 8, 8)},
+             "resnet": {"depth": 8, "width": 2, "input_dim": (1, 8, 8)}}[name]
     net = build_model(name, **small)
     assert net.model_name == name and type(net) is MODELS[name]
     config = json.loads(json.dumps(net.config))  # JSON round trip
@@ -721,8 +724,9 @@ def test_build_model_and_rebuild_from_config(xp, name):
 
 
 def test_build_model_names(xp):
-    assert set(MODELS) == {"mlp", "mlp-extend", "simple-convnet", "deep-convnet"}
+    assert set(MODELS) == {"mlp", "mlp-extend", "simple-convnet", "deep-convnet", "vgg",
+                           "googlenet", "resnet"}
     assert isinstance(build_model("Simple_ConvNet", input_dim=(1, 6, 6),
                                   conv_param={"filter_size": 3}), SimpleConvNet)
     with pytest.raises(ValueError, match="valid names: mlp, mlp-extend"):
-        build_model("resnet")
+        build_model("alexnet")

@@ -41,7 +41,7 @@ from xpnet.backend import (
 )
 from xpnet.gradcheck import numerical_gradient as _numerical_gradient
 from xpnet.layers import Layer, SoftmaxWithLoss
-from xpnet.layers.compose import Chain, named_slots, walk
+from xpnet.layers.compose import Chain, backward, named_slots, walk
 from xpnet.layers.loss import class_indices
 from xpnet.models.summary import summary as _summary
 from xpnet.state import load_state, save_state
@@ -188,6 +188,12 @@ class Network:
         self._buffers = ParamMap(buffer_slots, "buffers")
         self._decay_names = [name for name, (_, key) in param_slots.items() if key == "W"]
         self._frozen: set[str] = set()
+        # the parameter names under each top-level layer, to skip a frozen trunk's backward
+        owners: dict[int, set[str]] = {}
+        for name, (layer, _) in param_slots.items():
+            owners.setdefault(id(layer), set()).add(name)
+        self._names_under = [set().union(*(owners.get(id(node), ()) for node in walk(layer)))
+                             for layer in chain.layers]
         self.last_loss: Array | None = None
         arrays = {**self._params, **self._buffers}
         dtypes = {str(a.dtype) for a in arrays.values()}
@@ -362,7 +368,14 @@ class Network:
         unsynced, as ``self.last_loss``.
         """
         loss = self.loss(x, t, train_flg=True)
-        self.chain.backward(self.loss_layer.backward(1), need_input_grad=False)
+        # Layers before the first one with a trained parameter need no backward at all
+        # (a frozen trunk costs its forward only).
+        layers = self.chain.layers
+        first = next((i for i, names in enumerate(self._names_under)
+                      if names - self._frozen), len(layers))
+        dout = self.loss_layer.backward(1)
+        for i in range(len(layers) - 1, first - 1, -1):
+            dout = backward(layers[i], dout, need_input_grad=i > first)
         lam = self.weight_decay_lambda
         grads: dict[str, Array] = {}
         for name in self._params:
