@@ -650,3 +650,16 @@ def test_train_py_refuses_a_batch_the_ranks_do_not_divide(tmp_path):
                    "500", "--batch-size", "99")
     assert done.returncode != 0
     assert "multiple of the 2 processes" in done.stdout
+
+
+@needs_mpi
+def test_train_py_resumes_under_mpi_and_refuses_another_world_size(tmp_path):
+    ck = str(tmp_path / "ck")
+    common = ["--model", "mlp", "--limit-train", "1000", "--checkpoint-dir", ck, "--quiet"]
+    first = _mpirun(ROOT / "train.py", *common, "--epochs", "1")
+    assert first.returncode == 0, first.stdout
+    again = _mpirun(ROOT / "train.py", *common, "--epochs", "2", "--resume")
+    assert again.returncode == 0 and again.stdout.count("test accuracy:") == 1, again.stdout
+    alone = _run([sys.executable, str(ROOT / "train.py"), *common, "--epochs", "3", "--resume"])
+    assert alone.returncode != 0
+    assert "world_size: 2 in the checkpoint, 1 now" in alone.stdout
