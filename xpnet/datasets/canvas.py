@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -360,21 +357,7 @@ def _load_cached(path: Path, params: dict[str, Any]) -> dict[str, np.ndarray] | 
 
 def _store(path: Path, entry: dict[str, np.ndarray]) -> None:
     """Write atomically (temporary file, then rename); errors are ignored."""
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **entry)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            with suppress(OSError):
-                tmp.unlink()
+    npycache.write_quietly(path, lambda f: np.savez_compressed(f, **entry))
 
 
 # --------------------------------------------------------------------------- public API

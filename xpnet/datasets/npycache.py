@@ -23,9 +23,10 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 
@@ -98,14 +99,20 @@ def store(src_sha256: str, raw_md5: str, arr: np.ndarray) -> None:
         return
     directory = cache_dir()
     final = directory / f"{src_sha256}-{raw_md5}.npy"
+    write_quietly(final, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
+
+
+def write_quietly(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a cache file atomically (a temporary file, then a rename); a cache that
+    cannot be written is no error, so OSErrors are ignored."""
     tmp: Path | None = None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         tmp = Path(name)
-        with os.fdopen(fd, "wb") as out:
-            np.save(out, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, final)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
         tmp = None
     except OSError:
         pass
