@@ -1,23 +1,25 @@
-"""Train step and inference of the book's three networks: xpnet against PyTorch.
+"""Train step and inference of the book's networks: xpnet against PyTorch.
 
 On the current backend (DL_BACKEND or --backend) it times, for MultiLayerNet
-784-[100]x4-10 (ReLU, He init), SimpleConvNet and DeepConvNet (book defaults):
+784-[100]x4-10 (ReLU, He init), SimpleConvNet and DeepConvNet (book defaults), and
+with ``--models`` also chapter 8's VGG, GoogLeNet and ResNet (their MNIST defaults):
 
 * the train step, ``grads = net.gradient(x, t); Adam.update(net.params, grads)``, batch 100
-  (DeepConvNet's dropout active);
+  (dropout active);
 * inference, ``net.predict(x, train_flg=False)``, batch 1000;
 * the DeepConvNet train step at batch 32 ... 1024 (``--skip-sweep`` to leave out);
 * the peak memory of the train step, one child process per (framework, model)
   (``--skip-memory`` to leave out).
 
-When PyTorch is importable, the same networks (same layers and dropout, xpnet's initial
-weights copied in) run in eager PyTorch on the same device, dtype (float32) and thread
-count, rep by rep interleaved with xpnet; see benchmarks/README.md for the method.
+When PyTorch is importable, the same networks (built from xpnet's layer tree, xpnet's
+initial weights copied in) run in eager PyTorch on the same device, dtype (float32) and
+thread count, rep by rep interleaved with xpnet; see benchmarks/README.md for the method.
 Prints Markdown tables (medians, IQR, images/s, xpnet/PyTorch); --json, --md and --png
 also write them to files, --doc into a section of docs/performance.md.
 
     python benchmarks/bench_models.py [--quick] [--backend numpy|cupy] [--threads 2]
-        [--reps 20] [--models mlp simple-convnet deep-convnet] [--json FILE] [--md FILE]
+        [--reps 20] [--models mlp simple-convnet deep-convnet vgg googlenet resnet]
+        [--json FILE] [--md FILE]
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ MODELS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
              "activation": "relu", "weight_init_std": "relu"}, (784,)),
     "simple-convnet": ("SimpleConvNet", {}, (1, 28, 28)),
     "deep-convnet": ("DeepConvNet", {}, (1, 28, 28)),
+    # chapter 8 (xpnet.models.zoo), default MNIST configurations; not in the default set
+    "vgg": ("VGG 'mnist' (6 conv + BN, 2 FC)", {}, (1, 28, 28)),
+    "googlenet": ("GoogLeNet 'mnist' (4 Inception)", {}, (1, 28, 28)),
+    "resnet": ("ResNet-14 (width 16)", {}, (1, 28, 28)),
 }
+#: what runs without --models: the book's three networks
+DEFAULT_MODELS = ("mlp", "simple-convnet", "deep-convnet")
 SIZES = {"batch": 100, "infer_batch": 1000, "sweep": (32, 64, 128, 256, 512, 1024),
          "reps": 20, "warmup": 2, "memory_steps": 3}
 QUICK = {"batch": 8, "infer_batch": 16, "sweep": (8, 16), "reps": 3, "warmup": 1,
@@ -60,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="xpnet backend (default: DL_BACKEND, else numpy)")
     p.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads (CPU)")
     p.add_argument("--reps", type=int, help=f"timed reps per case (default {SIZES['reps']})")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_MODELS),
+                   help=f"default: {' '.join(DEFAULT_MODELS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes and reps (CI, notebook)")
     p.add_argument("--skip-sweep", action="store_true", help="no DeepConvNet batch sweep")
     p.add_argument("--skip-memory", action="store_true", help="no peak-memory children")
@@ -205,43 +214,150 @@ def blas_info(np: Any) -> str:
 
 # ------------------------------------------------------------------ the models
 def build_xpnet(name: str) -> Any:
+    """A fresh network, batch normalisation's running variance set to 1 (PyTorch's start).
+
+    xpnet starts it at 0 (see BatchNormalization), so a fresh network's inference divides
+    by sqrt(eps) at every normalisation: VGG's logits reach 1e18 and ResNet's overflow to
+    NaN, not what a trained network computes.  The train step does not read it.
+    """
     from xpnet.models import build_model
-    return build_model(name, **MODELS[name][1])
+    net = build_model(name, **MODELS[name][1])
+    for key in net.buffers:
+        if key.rsplit(".", 1)[-1].startswith("running_var"):
+            net.buffers[key][...] = 1
+    return net
 
 
-def build_torch(name: str, nn: Any) -> Any:
-    """The same network in torch.nn (layer for layer; inverted dropout on both sides)."""
-    if name == "mlp":
-        sizes = [784, 100, 100, 100, 100, 10]
-        layers = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        return nn.Sequential(*layers[:-1])
-    if name == "simple-convnet":
-        return nn.Sequential(nn.Conv2d(1, 30, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
-                             nn.Linear(30 * 12 * 12, 100), nn.ReLU(), nn.Linear(100, 10))
-    layers, c = [], 1
-    for i, (n, pad) in enumerate([(16, 1), (16, 1), (32, 1), (32, 2), (64, 1), (64, 1)]):
-        layers += [nn.Conv2d(c, n, 3, padding=pad), nn.ReLU()]
-        layers += [nn.MaxPool2d(2, 2)] if i % 2 else []
-        c = n
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, 50), nn.ReLU(),
-                         nn.Dropout(0.5), nn.Linear(50, 10), nn.Dropout(0.5))
+class TorchTwin:
+    """A PyTorch module built layer for layer from an xpnet network, xpnet's weights and
+    buffers copied in, and the pairs (xpnet layer, key, torch tensor) that were copied
+    (for comparing gradients).  See :func:`build_torch`."""
+
+    def __init__(self, module: Any, pairs: list[tuple[Any, str, Any]]) -> None:
+        self.module, self.pairs = module, pairs
 
 
-def copy_weights(net: Any, model: Any, torch: Any) -> None:
-    """xpnet's W1, b1, W2, ... into the torch parameters, in order (Affine W transposed)."""
+def _torch_containers(torch: Any) -> tuple[type, type]:
+    """The torch modules for xpnet's ``Parallel``: branches summed, or concatenated on
+    the channel axis (defined on first use: torch is imported lazily)."""
+    nn = torch.nn
+
+    class Sum(nn.Module):
+        def __init__(self, branches: list) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList(branches)
+
+        def forward(self, x: Any) -> Any:
+            out = self.branches[0](x)
+            for branch in self.branches[1:]:
+                out = out + branch(x)
+            return out
+
+    class Concat(Sum):
+        def forward(self, x: Any) -> Any:
+            return torch.cat([branch(x) for branch in self.branches], dim=1)
+
+    return Sum, Concat
+
+
+def build_torch(net: Any, torch: Any) -> TorchTwin:
+    """The same network in torch.nn, by a walk over xpnet's layer tree.
+
+    Convolution -> Conv2d, ConvReLU -> Conv2d + ReLU, Pooling -> MaxPool2d (both pad
+    with -inf), BatchNormalization -> BatchNorm2d/1d with xpnet's eps and torch momentum
+    1 - xpnet's (xpnet: running = m * running + (1 - m) * batch), GlobalAveragePooling ->
+    AdaptiveAvgPool2d(1) + Flatten, Parallel -> branches summed or concatenated on axis 1,
+    Chain -> Sequential, Affine -> Linear (W transposed; Flatten first when the input is
+    not flat), Dropout -> Dropout (both inverted).  Every weight, bias and running
+    statistic is copied from ``net``.  BatchNorm's running variance then evolves slightly
+    differently (torch: unbiased batch variance; xpnet: biased), which changes no amount
+    of work; train-mode outputs do not depend on it.
+    """
     from xpnet.backend import to_cpu
-    ours, theirs = list(net.params.values()), list(model.parameters())
-    if len(ours) != len(theirs):
-        raise AssertionError(f"{len(ours)} xpnet params but {len(theirs)} torch params")
-    with torch.no_grad():
-        for a, p in zip(ours, theirs, strict=True):
-            a = to_cpu(a)
-            a = a.T if a.ndim == 2 else a
-            if tuple(a.shape) != tuple(p.shape):
-                raise AssertionError(f"shape {a.shape} != torch {tuple(p.shape)}")
-            p.copy_(torch.from_numpy(a.copy()))
+    from xpnet.layers import (
+        Affine,
+        BatchNormalization,
+        Chain,
+        Convolution,
+        ConvReLU,
+        Dropout,
+        Flatten,
+        GlobalAveragePooling,
+        Identity,
+        Parallel,
+        Pooling,
+        ReLU,
+        Sigmoid,
+        Tanh,
+    )
+    nn = torch.nn
+    Sum, Concat = _torch_containers(torch)
+    pairs: list[tuple[Any, str, Any]] = []
+
+    def copy(layer: Any, key: str, tensor: Any, transpose: bool = False) -> None:
+        a = to_cpu(layer.params[key] if key in layer.params else layer.buffers[key])
+        a = a.T if transpose else a
+        if tuple(a.shape) != tuple(tensor.shape):
+            raise AssertionError(f"{layer!r} {key}: shape {a.shape} != torch "
+                                 f"{tuple(tensor.shape)}")
+        with torch.no_grad():
+            tensor.copy_(torch.from_numpy(a.copy()))
+        if key in layer.params:
+            pairs.append((layer, key, tensor))
+
+    def seq(mods: list) -> Any:
+        return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+    def convert(layer: Any, ndim: int) -> tuple[Any, int]:
+        """(torch module, ndim of its output) for ``layer`` given input of ``ndim``."""
+        if isinstance(layer, Chain):
+            mods = []
+            for child in layer.layers:
+                mod, ndim = convert(child, ndim)
+                mods.append(mod)
+            return (seq(mods) if mods else nn.Identity()), ndim
+        if isinstance(layer, Parallel):
+            outs = [convert(b, ndim) for b in layer.branches]
+            merge = Sum if layer.merge == "add" else Concat
+            return merge([m for m, _ in outs]), outs[0][1]
+        if isinstance(layer, Convolution):  # ConvReLU too
+            out_c, in_c, kh, kw = layer.params["W"].shape
+            conv = nn.Conv2d(in_c, out_c, (kh, kw), stride=layer.stride, padding=layer.pad)
+            copy(layer, "W", conv.weight)
+            copy(layer, "b", conv.bias)
+            return (seq([conv, nn.ReLU()]) if isinstance(layer, ConvReLU) else conv), 4
+        if isinstance(layer, BatchNormalization):
+            bn = (nn.BatchNorm2d if ndim == 4 else nn.BatchNorm1d)(
+                layer.params["gamma"].shape[0], eps=layer.eps,
+                momentum=round(1 - layer.momentum, 12))
+            for key, tensor in (("gamma", bn.weight), ("beta", bn.bias),
+                                ("running_mean", bn.running_mean),
+                                ("running_var", bn.running_var)):
+                copy(layer, key, tensor)
+            return bn, ndim
+        if isinstance(layer, Affine):
+            n_in, n_out = layer.params["W"].shape
+            linear = nn.Linear(n_in, n_out)
+            copy(layer, "W", linear.weight, transpose=True)
+            copy(layer, "b", linear.bias)
+            return (seq([nn.Flatten(), linear]) if ndim > 2 else linear), 2
+        if type(layer) is Pooling:
+            k = layer.pool_h if layer.pool_h == layer.pool_w else (layer.pool_h, layer.pool_w)
+            return nn.MaxPool2d(k, layer.stride, layer.pad), 4
+        if isinstance(layer, GlobalAveragePooling):
+            return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), 2
+        if isinstance(layer, Flatten):
+            return nn.Flatten(), 2
+        simple = {ReLU: nn.ReLU, Sigmoid: nn.Sigmoid, Tanh: nn.Tanh, Identity: nn.Identity}
+        if type(layer) in simple:
+            return simple[type(layer)](), ndim
+        if isinstance(layer, Dropout):
+            return nn.Dropout(layer.dropout_ratio), ndim
+        raise NotImplementedError(f"no PyTorch twin for {type(layer).__name__}")
+
+    ndim = 1 + len(net.input_shape) if net.input_shape else 2
+    module, _ = convert(net.chain, ndim)
+    return TorchTwin(module, pairs)
 
 
 def make_data(name: str, batch: int) -> tuple[Any, Any]:
@@ -281,9 +397,8 @@ def torch_case(env: Env, name: str, task: str, batch: int) -> Callable[[], Any]:
     torch, f = env.torch, env.torch.nn.functional
     torch.manual_seed(0)
     seed(0)
-    model = build_torch(name, torch.nn)
     with use_backend("numpy"):  # host weights: no xpnet arrays on the GPU
-        copy_weights(build_xpnet(name), model, torch)
+        model = build_torch(build_xpnet(name), torch).module
     model.to(env.device)
     x, t = (torch.from_numpy(a).to(env.device) for a in make_data(name, batch))
     if task == "infer":
@@ -303,20 +418,43 @@ def torch_case(env: Env, name: str, task: str, batch: int) -> Callable[[], Any]:
     return step
 
 
-def check_same_outputs(env: Env, name: str) -> float:
-    """Max |logits difference| of the two networks in inference (they must agree)."""
+def check_same_outputs(env: Env, name: str) -> tuple[float, float]:
+    """(max |logits difference|, max |gradient difference| / max |gradient|) of the two
+    networks on 4 samples, dropout off (they must agree).
+
+    Logits in inference, then in training mode (batch statistics; the running ones
+    are updated differently afterwards, see :func:`build_torch`); gradients of the
+    training-mode loss.
+    """
     from xpnet.backend import seed, to_backend, to_cpu
+    from xpnet.layers import Dropout
+    from xpnet.layers.compose import walk
     torch = env.torch
     seed(0)
     net = build_xpnet(name)
-    model = build_torch(name, torch.nn)
-    copy_weights(net, model, torch)
-    model.to(env.device).eval()
-    x, _ = make_data(name, 4)
-    ours = to_cpu(net.predict(to_backend(x), train_flg=False))
-    with torch.inference_mode():
-        theirs = model(torch.from_numpy(x).to(env.device)).cpu().numpy()
-    return float(abs(ours - theirs).max())
+    for layer in walk(net.chain):
+        if isinstance(layer, Dropout):
+            layer.dropout_ratio = 0.0
+    twin = build_torch(net, torch)
+    model = twin.module.to(env.device)
+    x, t = make_data(name, 4)
+    xt = torch.from_numpy(x).to(env.device)
+    diff = 0.0
+    for train in (False, True):
+        ours = to_cpu(net.predict(to_backend(x), train_flg=train))
+        theirs = model.train(train)(xt)
+        diff = max(diff, float(abs(ours - theirs.detach().cpu().numpy()).max()))
+    torch.nn.functional.cross_entropy(theirs, torch.from_numpy(t).to(env.device)).backward()
+    grads = net.gradient(to_backend(x), to_backend(t))
+    names = {(id(layer), key): n for n in net.params for layer, key in [net.params.slot(n)]}
+    worst = scale = 0.0
+    for layer, key, tensor in twin.pairs:
+        g = to_cpu(grads[names[id(layer), key]])
+        g_torch = tensor.grad.cpu().numpy()
+        g_torch = g_torch.T if key == "W" and g.ndim == 2 else g_torch
+        worst = max(worst, float(abs(g - g_torch).max()))
+        scale = max(scale, float(abs(g_torch).max()))
+    return diff, worst / scale if scale else worst
 
 
 # ------------------------------------------------------------------ timing
@@ -535,10 +673,11 @@ def run(argv: list[str] | None = None) -> dict:
                                "sizes": {k: list(v) if isinstance(v, tuple) else v
                                          for k, v in args.sizes.items()},
                                "models": {m: MODELS[m][0] for m in args.models},
-                               "check": {}, "steps": [], "sweep": [], "memory": []}
+                               "check": {}, "check_grad": {}, "steps": [], "sweep": [],
+                               "memory": []}
         for name in args.models:
             if torch is not None:
-                res["check"][name] = check_same_outputs(env, name)
+                res["check"][name], res["check_grad"][name] = check_same_outputs(env, name)
             res["steps"].append(bench_case(env, name, "train", args.sizes["batch"]))
             res["steps"].append(bench_case(env, name, "infer", args.sizes["infer_batch"]))
         if not args.skip_sweep and "deep-convnet" in args.models:
@@ -582,6 +721,13 @@ def markdown(res: dict) -> str:
              f"- median of {res['sizes']['reps']} reps, {i['schedule']} schedule (see "
              "benchmarks/README.md), IQR in brackets; ratio = xpnet ms / PyTorch ms "
              "(above 1: xpnet slower)"]
+    if res.get("check"):
+        grad = res.get("check_grad", {})
+        lines.append("- same networks, checked before timing (4 samples, dropout off): largest "
+                     "|logit difference| / largest gradient difference relative to the "
+                     "largest gradient: " + "; ".join(
+                         f"{m} {d:.1e}" + (f" / {grad[m]:.1e}" if m in grad else "")
+                         for m, d in res["check"].items()))
     eager = any("xpnet_eager" in r for r in res["steps"] + res["sweep"])
     if eager:
         lines.append("- xpnet's train step is `TrainStep(net, Adam(), cuda_graph=True)`: "
@@ -645,8 +791,9 @@ def plot(res: dict) -> Any:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     rows = res["steps"]
-    short = {"mlp": "MLP", "simple-convnet": "Simple", "deep-convnet": "Deep"}
-    labels = [f"{short[r['model']]}\n{r['task']} {r['batch']}" for r in rows]
+    short = {"mlp": "MLP", "simple-convnet": "Simple", "deep-convnet": "Deep", "vgg": "VGG",
+             "googlenet": "GoogLeNet", "resnet": "ResNet"}
+    labels = [f"{short.get(r['model'], r['model'])}\n{r['task']} {r['batch']}" for r in rows]
     pos = np.arange(len(rows))
     fws = [fw for fw in ("xpnet", "xpnet_eager", "pytorch") if any(fw in r for r in rows)]
     width = 0.8 / max(1, len(fws))
