@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for a machine with CuPy, PyTorch and a GPU (the device
 # tool's lent machines: `bash benchmarks/gpu_check.sh "$OUT" [PART ...]` from the
-# repository root).  PARTs (default: tests bench profile layers):
+# repository root).  PARTs (default: tests bench zoo profile layers):
 #   tests    the whole test suite with the CuPy cases
 #   bench    the model benchmark against PyTorch (xpnet's train step as a CUDA graph,
 #            and eager), JSON + Markdown + PNG
+#   zoo      VGG, GoogLeNet and ResNet against PyTorch (their twins built from the layer tree)
 #   profile  the per-layer profile of the eager DeepConvNet step
 #   layers   the conv layer benchmark
 #   train    the book's SimpleConvNet and DeepConvNet runs (20 epochs, CUDA graph)
@@ -14,7 +15,7 @@
 set -u
 out=${1:-gpu_check_out}
 shift || true
-parts=${*:-tests bench profile layers}
+parts=${*:-tests bench zoo profile layers}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -34,6 +35,9 @@ for part in $parts; do
     bench) run bench 240 $py benchmarks/bench_models.py --backend cupy --reps 20 \
         --json "$out/performance_gpu.json" --md "$out/performance_gpu_table.md" \
         --png "$out/performance_gpu.png" ;;
+    zoo) run zoo 120 $py benchmarks/bench_models.py --backend cupy --reps 10 \
+        --models vgg googlenet resnet --skip-sweep --skip-memory \
+        --json "$out/performance_gpu_zoo.json" --md "$out/performance_gpu_zoo.md" ;;
     profile) run profile 60 env DL_BACKEND=cupy $py benchmarks/profile_layers.py --batch 100 ;;
     layers) run layers 60 env DL_BACKEND=cupy $py benchmarks/bench_layers.py --reps 20 ;;
     train)

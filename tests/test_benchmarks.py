@@ -75,6 +75,24 @@ def test_bench_models_quick_writes_complete_json(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_models_quick_chapter8_networks(tmp_path):
+    """VGG, GoogLeNet and ResNet (batch norm, Parallel, global pooling) through the bench;
+    with PyTorch present, its twins built from the layer tree give the same outputs."""
+    out = tmp_path / "zoo.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--backend", "numpy", "--threads", "1",
+         "--models", "vgg", "googlenet", "resnet", "--skip-sweep", "--skip-memory",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(r["model"], r["task"]) for r in res["steps"]] == [
+        (m, task) for m in ("vgg", "googlenet", "resnet") for task in ("train", "infer")]
+    for row in res["steps"]:
+        _check_side(row["xpnet"], res["sizes"]["reps"])
+    if _has_torch():
+        assert all(diff < 1e-3 for diff in res["check"].values()), res["check"]
+
+
 def test_gpu_benchmark_notebook_runs_quick(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
