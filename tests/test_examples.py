@@ -60,6 +60,8 @@ SPECS = {
     "ch8_detection": ({"test", "val", "train_regions", "train_seconds", "warp_max_abs_diff"},
                       {"map50", "proposal_recall", "labelling_matches_flood_fill",
                        "warp_matches_resize_bilinear"}, ()),
+    "ch8_captioning": ({"test", "validation", "validation_per_epoch", "train_seconds",
+                        "examples"}, {"exact_caption_accuracy", "decoding_ends"}, ()),
 }
 SLOW = {"ch6_activation_histograms", "ch6_batch_norm", "ch6_hyperparameter_search",
         "ch7_simple_convnet", "ch8_deep_convnet", "ch8_transfer_learning", "ch8_detection"}
