@@ -55,3 +55,24 @@ def rng():
 def to_numpy(a):
     """Host copy of an array from either backend (for assertions)."""
     return backend.to_cpu(a)
+
+
+def assert_gradients_match(net, x, t, zero=(), h=1e-5, tol=1e-6):
+    """A network's gradient() against its numerical_gradient(), float64, relative error
+    <= ``tol`` for every trained (not frozen) parameter.
+
+    ``zero``: keys whose true gradient is 0 (a conv bias right before batch norm):
+    relative error means nothing there, so both are compared with 0.
+    """
+    from xpnet.gradcheck import relative_error
+
+    analytic = {k: g.copy() for k, g in net.gradient(x, t).items()}
+    numeric = net.numerical_gradient(x, t, h=h)
+    assert list(analytic) == list(numeric) == [k for k in net.params if k not in net.frozen]
+    for k in zero:
+        assert float(abs(analytic.pop(k)).max()) < 1e-12, k
+        assert float(abs(numeric.pop(k)).max()) < 1e-8, k
+    errors = {k: relative_error(analytic[k], numeric[k]) for k in analytic}
+    assert max(errors.values()) <= tol, errors
+    for k, g in analytic.items():
+        assert g.shape == net.params[k].shape and g.dtype == net.params[k].dtype

@@ -19,6 +19,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from tests.conftest import assert_gradients_match
 from xpnet import backend
 from xpnet.backend import to_cpu
 from xpnet.gradcheck import numerical_gradient, relative_error
@@ -67,24 +68,6 @@ def affine(xp, rng, d, m):
 
 def labels(xp, rng, n, classes):
     return xp.asarray(rng.integers(0, classes, n))
-
-
-def assert_gradients_match(net, x, t, zero=(), h=1e-5):
-    """gradient() against numerical_gradient(), float64, relative error <= TOL.
-
-    ``zero``: keys whose true gradient is 0 (a conv bias right before batch norm):
-    relative error means nothing there, so both are compared with 0.
-    """
-    analytic = {k: g.copy() for k, g in net.gradient(x, t).items()}
-    numeric = net.numerical_gradient(x, t, h=h)
-    assert list(analytic) == list(numeric) == [k for k in net.params if k not in net.frozen]
-    for k in zero:
-        assert float(abs(analytic.pop(k)).max()) < 1e-12, k
-        assert float(abs(numeric.pop(k)).max()) < 1e-8, k
-    errors = {k: relative_error(analytic[k], numeric[k]) for k in analytic}
-    assert max(errors.values()) <= TOL, errors
-    for k, g in analytic.items():
-        assert g.shape == net.params[k].shape and g.dtype == net.params[k].dtype
 
 
 def host(table):

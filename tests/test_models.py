@@ -14,9 +14,10 @@ import pickle
 import numpy as np
 import pytest
 
+from tests.conftest import assert_gradients_match
 from xpnet import backend
 from xpnet.backend import BackendError, BackendMismatchError, to_cpu
-from xpnet.gradcheck import numerical_gradient, relative_error
+from xpnet.gradcheck import numerical_gradient, numerical_gradient_at, relative_error
 from xpnet.layers import (
     Affine,
     BatchNormalization,
@@ -50,20 +51,6 @@ def data(xp, rng, n, shape, classes, dtype=F64):
     x = xp.asarray(rng.standard_normal((n, *shape)).astype(dtype))
     t = xp.asarray(rng.integers(0, classes, n))
     return x, t
-
-
-def assert_gradients_match(net, x, t, h=1e-5, zero=()):
-    """gradient() against numerical_gradient(); ``zero``: keys whose true gradient is 0."""
-    analytic = net.gradient(x, t)
-    numeric = net.numerical_gradient(x, t, h=h)
-    assert list(analytic) == list(net.params) == list(numeric)
-    for k in zero:  # relative error is meaningless there: compare with 0
-        assert float(abs(analytic.pop(k)).max()) < 1e-12, k
-        assert float(abs(numeric.pop(k)).max()) < 1e-8, k
-    errors = {k: relative_error(analytic[k], numeric[k]) for k in analytic}
-    assert max(errors.values()) <= TOL, errors
-    for k, g in analytic.items():
-        assert g.shape == net.params[k].shape and g.dtype == net.params[k].dtype
 
 
 def host_state(net):
@@ -203,18 +190,9 @@ def test_deep_convnet_sampled_gradient(xp, rng, input_dim):
         idx = list(np.argsort(-np.abs(g))[:2])
         if k.startswith("W"):
             idx.append(int(pick.integers(0, g.size)))
-        flat = p.reshape(-1)
-        numeric = []
-        for i in idx:
-            old = float(flat[i])
-            flat[i] = old + h
-            plus = loss()
-            flat[i] = old - h
-            minus = loss()
-            flat[i] = old
-            numeric.append((plus - minus) / (2 * h))
+        numeric = numerical_gradient_at(loss, p, idx, h)
         assert np.abs(g[idx]).max() > 0, k
-        assert relative_error(g[idx], np.array(numeric)) <= TOL, k
+        assert relative_error(g[idx], numeric) <= TOL, k
 
 
 # ----------------------------------------------------------------- architectures

@@ -867,6 +867,21 @@ def test_numerical_gradient_takes_both_forms(xp):
     np.testing.assert_array_equal(to_numpy(w), [[1.0, -2.0], [0.5, 3.0]])  # restored
 
 
+def test_numerical_gradient_at_picks_entries_of_the_whole_gradient(xp):
+    """The spot check differences the same entries as the whole gradient, in the order
+    asked, and restores x."""
+    from xpnet.gradcheck import numerical_gradient_at
+
+    w = xp.asarray(np.array([[1.0, -2.0], [0.5, 3.0]]))
+    whole = to_numpy(numerical_gradient(lambda: float((w ** 3).sum()), w)).ravel()
+    at = numerical_gradient_at(lambda: float((w ** 3).sum()), w, [3, 0, 3])
+    assert isinstance(at, np.ndarray) and at.dtype == np.float64
+    np.testing.assert_array_equal(at, whole[[3, 0, 3]])
+    np.testing.assert_array_equal(to_numpy(w), [[1.0, -2.0], [0.5, 3.0]])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        numerical_gradient_at(lambda: 0.0, xp.asarray(np.zeros((3, 2))).T, [0])
+
+
 def test_numerical_gradient_rejects_other_signatures():
     with pytest.raises(TypeError, match="no argument or one"):
         numerical_gradient(lambda a, b: 0.0, np.zeros(2))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import numpy as np
 
 from xpnet.backend import get_array_module
 
@@ -48,20 +50,39 @@ def numerical_gradient(f: Callable[..., Any], x: Array, h: float = 1e-4) -> Arra
     checks, since float32 leaves only about 3 significant digits at h = 1e-4.
     """
     xp = get_array_module(x)
-    if not x.flags.c_contiguous:
-        raise ValueError("numerical_gradient: x must be C-contiguous (it is modified in place)")
-    f = _objective(f, x)
+    flat, f = _flat_and_objective("numerical_gradient", f, x)
     grad = xp.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    gflat = grad.reshape(-1)
     for i in range(flat.size):
-        old = flat[i].item()
-        flat[i] = old + h
-        f_plus = float(f())
-        flat[i] = old - h
-        f_minus = float(f())
-        flat[i] = old
-        gflat[i] = (f_plus - f_minus) / (2 * h)
+        gflat[i] = _central_difference(f, flat, i, h)
     return grad
+
+
+def numerical_gradient_at(f: Callable[..., Any], x: Array, indices: Iterable[int],
+                          h: float = 1e-4) -> np.ndarray:
+    """:func:`numerical_gradient` at the flat ``indices`` of ``x`` only, as a host float64
+    array in their order: the spot check of a parameter too large to difference whole."""
+    flat, f = _flat_and_objective("numerical_gradient_at", f, x)
+    return np.array([_central_difference(f, flat, int(i), h) for i in indices],
+                    dtype=np.float64)
+
+
+def _flat_and_objective(caller: str, f: Callable[..., Any],
+                        x: Array) -> tuple[Array, Callable[[], Any]]:
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{caller}: x must be C-contiguous (it is modified in place)")
+    return x.reshape(-1), _objective(f, x)
+
+
+def _central_difference(f: Callable[[], Any], flat: Array, i: int, h: float) -> float:
+    """(f(x + h e_i) - f(x - h e_i)) / 2h, ``flat`` (a view of x) restored afterwards."""
+    old = flat[i].item()
+    flat[i] = old + h
+    f_plus = float(f())
+    flat[i] = old - h
+    f_minus = float(f())
+    flat[i] = old
+    return (f_plus - f_minus) / (2 * h)
 
 
 def relative_error(a: Array, b: Array) -> float:

@@ -1,9 +1,10 @@
 """Convolutional networks: the book's SimpleConvNet (ch. 7) and DeepConvNet (ch. 8).
 
-Each builder tracks the shape of one sample (C, H, W) through its layers while
-creating them, so the first Affine's fan-in is computed rather than hard-coded,
-and a configuration whose convolution or pooling output is not a whole number
-fails at construction with an error naming the layer.
+One builder, shared with the chapter 8 networks (``xpnet.models.zoo``), tracks the
+shape of one sample (C, H, W) through the layers while creating them, so the first
+Affine's fan-in is computed rather than hard-coded, and a configuration whose
+convolution or pooling output is not a whole number fails at construction with an
+error naming the layer.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from types import MappingProxyType
 from typing import Any
 
 from xpnet.init import init_weight
-from xpnet.layers import Affine, Convolution, Dropout, Layer, Pooling, ReLU
-from xpnet.layers.conv import ConvReLU
-from xpnet.models._util import float_dtype, init_spec, positive_int, zeros
+from xpnet.layers import (
+    Affine,
+    BatchNormalization,
+    Convolution,
+    ConvReLU,
+    Dropout,
+    Layer,
+    Pooling,
+    ReLU,
+)
+from xpnet.models._util import float_dtype, init_spec, ones, positive_int, zeros
 from xpnet.models.network import Sequential
 
 __all__ = ["SimpleConvNet", "DeepConvNet"]
@@ -57,43 +66,52 @@ def _out_size(model: str, layer: str, axis: str, size: int, k: int, stride: int,
 
 
 class _Builder:
-    """Appends layers while tracking the shape of one sample."""
+    """Creates layers while tracking the shape of one sample (C, H, W): each method takes
+    the input shape and returns the layers with their output shape.  Convolutions and
+    poolings are counted, so a size that is not a whole number names its layer."""
 
-    def __init__(self, model: str, shape: Shape, spec: Any, dtype: Any) -> None:
-        self.model, self.shape, self.spec, self.dtype = model, shape, spec, dtype
-        self.layers: list[Layer] = []
+    def __init__(self, model: str, dtype: Any, spec: Any = "he",
+                 batchnorm: bool = False) -> None:
+        self.model, self.dtype, self.spec, self.batchnorm = model, dtype, spec, batchnorm
         self.n_conv = self.n_pool = 0
 
-    def conv(self, p: dict, what: str | None = None, relu: bool = False) -> None:
-        """A Convolution; with ``relu``, followed by a ReLU, as one ConvReLU layer."""
+    def conv(self, shape: Shape, out: int, k: int, stride: int = 1, pad: int | None = None,
+             relu: bool = True, batchnorm: bool | None = None,
+             what: str | None = None) -> tuple[list[Layer], Shape]:
+        """A k x k convolution (pad (k-1)/2 unless given), then batch normalisation (the
+        builder's default unless ``batchnorm`` says) and a ReLU (if ``relu``); without
+        batch normalisation the convolution and ReLU are one ConvReLU layer.  ``what``
+        names it in errors (default: its size and stride)."""
         self.n_conv += 1
-        label = f"Convolution {self.n_conv}" + (f" ({what})" if what else "")
-        c, h, w = self.shape
-        k, s, pad = p["filter_size"], p["stride"], p["pad"]
-        oh = _out_size(self.model, label, "height", h, k, s, pad)
-        ow = _out_size(self.model, label, "width", w, k, s, pad)
-        W = init_weight((p["filter_num"], c, k, k), self.spec, self.dtype)
-        layer = ConvReLU if relu else Convolution
-        self.layers.append(layer(W, zeros(p["filter_num"], self.dtype), s, pad))
-        self.shape = (p["filter_num"], oh, ow)
+        label = f"Convolution {self.n_conv} ({what or f'{k}x{k}, stride {stride}'})"
+        pad = (k - 1) // 2 if pad is None else pad
+        c, h, w = shape
+        oh = _out_size(self.model, label, "height", h, k, stride, pad)
+        ow = _out_size(self.model, label, "width", w, k, stride, pad)
+        W = init_weight((out, c, k, k), self.spec, self.dtype)
+        b = zeros(out, self.dtype)
+        if self.batchnorm if batchnorm is None else batchnorm:
+            layers: list[Layer] = [Convolution(W, b, stride, pad),
+                                   BatchNormalization(ones(out, self.dtype),
+                                                      zeros(out, self.dtype))]
+            if relu:
+                layers.append(ReLU())
+        else:
+            layers = [(ConvReLU if relu else Convolution)(W, b, stride, pad)]
+        return layers, (out, oh, ow)
 
-    def pool(self) -> None:
-        """Max pooling 2x2, stride 2 (the book's only pooling)."""
+    def pool(self, shape: Shape, k: int = 2, stride: int = 2,
+             pad: int = 0) -> tuple[Layer, Shape]:
+        """Max pooling k x k (the book's: 2x2, stride 2)."""
         self.n_pool += 1
-        label = f"Pooling {self.n_pool}"
-        c, h, w = self.shape
-        self.layers.append(Pooling(pool_h=2, pool_w=2, stride=2))
-        self.shape = (c, _out_size(self.model, label, "height", h, 2, 2, 0),
-                      _out_size(self.model, label, "width", w, 2, 2, 0))
+        label = f"Pooling {self.n_pool} ({k}x{k}, stride {stride})"
+        c, h, w = shape
+        return Pooling(k, k, stride, pad), (
+            c, _out_size(self.model, label, "height", h, k, stride, pad),
+            _out_size(self.model, label, "width", w, k, stride, pad))
 
-    def affine(self, out: int) -> None:
-        n_in = math.prod(self.shape)
-        W = init_weight((n_in, out), self.spec, self.dtype)
-        self.layers.append(Affine(W, zeros(out, self.dtype)))
-        self.shape = (out,)
-
-    def add(self, layer: Layer) -> None:
-        self.layers.append(layer)
+    def affine(self, n_in: int, out: int) -> Affine:
+        return Affine(init_weight((n_in, out), self.spec, self.dtype), zeros(out, self.dtype))
 
 
 _SIMPLE_CONV = MappingProxyType({"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1})
@@ -122,15 +140,15 @@ class SimpleConvNet(Sequential):
         out = positive_int(name, "output_size", output_size)
         spec = init_spec(weight_init_std)
         dt = float_dtype(name, dtype)
-        b = _Builder(name, dim, spec, dt)
-        b.conv(p, "conv_param", relu=True)
-        b.pool()
-        b.affine(hidden)
-        b.add(ReLU())
-        b.affine(out)
+        b = _Builder(name, dt, spec)
+        conv, shape = b.conv(dim, p["filter_num"], p["filter_size"], p["stride"], p["pad"],
+                             what="conv_param")
+        pool, shape = b.pool(shape)
+        layers = [*conv, pool, b.affine(math.prod(shape), hidden), ReLU(),
+                  b.affine(hidden, out)]
         config = {"input_dim": list(dim), "conv_param": p, "hidden_size": hidden,
                   "output_size": out, "weight_init_std": spec, "dtype": dt.name}
-        super().__init__(b.layers, config=config, input_shape=dim)
+        super().__init__(layers, config=config, input_shape=dim)
 
 
 _DEEP_CONV = tuple(
@@ -170,17 +188,19 @@ class DeepConvNet(Sequential):
         hidden = positive_int(name, "hidden_size", hidden_size)
         out = positive_int(name, "output_size", output_size)
         dt = float_dtype(name, dtype)
-        b = _Builder(name, dim, "he", dt)
+        b = _Builder(name, dt, "he")
+        layers: list[Layer] = []
+        shape = dim
         for i, p in enumerate(ps):
-            b.conv(p, f"conv_param_{i + 1}", relu=True)
+            conv, shape = b.conv(shape, p["filter_num"], p["filter_size"], p["stride"],
+                                 p["pad"], what=f"conv_param_{i + 1}")
+            layers += conv
             if i % 2 == 1:
-                b.pool()
-        b.affine(hidden)
-        b.add(ReLU())
-        b.add(Dropout(0.5))
-        b.affine(out)
-        b.add(Dropout(0.5))
+                pool, shape = b.pool(shape)
+                layers.append(pool)
+        layers += [b.affine(math.prod(shape), hidden), ReLU(), Dropout(0.5),
+                   b.affine(hidden, out), Dropout(0.5)]
         config = {"input_dim": list(dim),
                   **{f"conv_param_{i + 1}": p for i, p in enumerate(ps)},
                   "hidden_size": hidden, "output_size": out, "dtype": dt.name}
-        super().__init__(b.layers, config=config, input_shape=dim)
+        super().__init__(layers, config=config, input_shape=dim)

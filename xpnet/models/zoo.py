@@ -26,23 +26,17 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from xpnet.init import init_weight
 from xpnet.layers import (
-    Affine,
-    BatchNormalization,
     Chain,
-    Convolution,
-    ConvReLU,
     Dropout,
     GlobalAveragePooling,
     Layer,
     Parallel,
-    Pooling,
     ReLU,
     residual,
 )
-from xpnet.models._util import float_dtype, ones, positive_int, zeros
-from xpnet.models.convnet import _input_dim, _out_size
+from xpnet.models._util import float_dtype, positive_int
+from xpnet.models.convnet import _Builder, _input_dim
 from xpnet.models.network import Network, check_lambda
 
 __all__ = ["VGG", "GoogLeNet", "ResNet", "VGG_CONFIGS", "GOOGLENET_CONFIGS"]
@@ -83,48 +77,12 @@ GOOGLENET_CONFIGS: dict[str, tuple[Any, ...]] = {
 
 
 # ----------------------------------------------------------------- building
-class _Builder:
-    """Creates layers (He init) while tracking the shape of one sample."""
-
-    def __init__(self, model: str, shape: Shape, dtype: Any, batchnorm: bool) -> None:
-        self.model, self.shape, self.dtype, self.batchnorm = model, shape, dtype, batchnorm
-        self.n_conv = self.n_pool = 0
-
-    def conv(self, shape: Shape, out: int, k: int, stride: int = 1, pad: int | None = None,
-             relu: bool = True, batchnorm: bool | None = None) -> tuple[list[Layer], Shape]:
-        """A k x k convolution (pad (k-1)/2 unless given) of ``shape``, then batch
-        normalisation (unless ``batchnorm`` is False) and a ReLU (if ``relu``);
-        without batch normalisation the convolution and ReLU are one ConvReLU layer."""
-        self.n_conv += 1
-        label = f"convolution {self.n_conv} ({k}x{k}, stride {stride})"
-        pad = (k - 1) // 2 if pad is None else pad
-        c, h, w = shape
-        oh = _out_size(self.model, label, "height", h, k, stride, pad)
-        ow = _out_size(self.model, label, "width", w, k, stride, pad)
-        W = init_weight((out, c, k, k), "he", self.dtype)
-        b = zeros(out, self.dtype)
-        bn = self.batchnorm if batchnorm is None else batchnorm
-        if bn:
-            layers: list[Layer] = [Convolution(W, b, stride, pad),
-                                   BatchNormalization(ones(out, self.dtype),
-                                                      zeros(out, self.dtype))]
-            if relu:
-                layers.append(ReLU())
-        else:
-            layers = [(ConvReLU if relu else Convolution)(W, b, stride, pad)]
-        return layers, (out, oh, ow)
-
-    def pool(self, shape: Shape, k: int, stride: int, pad: int = 0) -> tuple[Layer, Shape]:
-        """Max pooling k x k."""
-        self.n_pool += 1
-        label = f"pooling {self.n_pool} ({k}x{k}, stride {stride})"
-        c, h, w = shape
-        return Pooling(k, k, stride, pad), (
-            c, _out_size(self.model, label, "height", h, k, stride, pad),
-            _out_size(self.model, label, "width", w, k, stride, pad))
-
-    def affine(self, n_in: int, out: int) -> Affine:
-        return Affine(init_weight((n_in, out), "he", self.dtype), zeros(out, self.dtype))
+def _plain(b: _Builder, shape: Shape, v: int | str) -> tuple[list[Layer], Shape]:
+    """A VGG-notation entry: "M" a 2x2 max pooling, an int a 3x3 convolution block."""
+    if v == "M":
+        layer, shape = b.pool(shape)
+        return [layer], shape
+    return b.conv(shape, v, 3)
 
 
 def _chain(layers: list[Layer]) -> Layer:
@@ -218,16 +176,12 @@ class VGG(Network):
         lam = check_lambda(weight_decay_lambda)
         dt = float_dtype(name, dtype)
 
-        b = _Builder(name, dim, dt, bn)
+        b = _Builder(name, dt, "he", bn)
         layers: list[Layer] = []
         shape = dim
         for v in spec:
-            if v == "M":
-                layer, shape = b.pool(shape, 2, 2)
-                layers.append(layer)
-            else:
-                block, shape = b.conv(shape, v, 3)
-                layers += block
+            block, shape = _plain(b, shape, v)
+            layers += block
         n_in = math.prod(shape)
         for width in hidden:
             layers += [b.affine(n_in, width), ReLU()]
@@ -297,16 +251,13 @@ class GoogLeNet(Network):
         lam = check_lambda(weight_decay_lambda)
         dt = float_dtype(name, dtype)
 
-        b = _Builder(name, dim, dt, bn)
+        b = _Builder(name, dt, "he", bn)
         layers: list[Layer] = []
         shape = dim
         n_block = 0
         for v in spec:
-            if v == "M":
-                layer, shape = b.pool(shape, 2, 2)
-                layers.append(layer)
-            elif isinstance(v, int):
-                block, shape = b.conv(shape, v, 3)
+            if v == "M" or isinstance(v, int):
+                block, shape = _plain(b, shape, v)
                 layers += block
             else:
                 n_block += 1
@@ -387,7 +338,7 @@ class ResNet(Network):
         lam = check_lambda(weight_decay_lambda)
         dt = float_dtype(name, dtype)
 
-        b = _Builder(name, dim, dt, batchnorm=True)
+        b = _Builder(name, dt, "he", batchnorm=True)
         layers, shape = b.conv(dim, w, k, pad=p)
         if (shape[1] % 4, shape[2] % 4) != (1, 1):
             raise ValueError(
