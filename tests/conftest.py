@@ -76,3 +76,17 @@ def assert_gradients_match(net, x, t, zero=(), h=1e-5, tol=1e-6):
     assert max(errors.values()) <= tol, errors
     for k, g in analytic.items():
         assert g.shape == net.params[k].shape and g.dtype == net.params[k].dtype
+
+
+def gradients_with_fixed_masks(net, x, t):
+    """(host gradients of net.loss(x, t), loss()): the dropout masks drawn for the
+    gradient are drawn again for every loss() call, so central differences of loss()
+    see the same network the gradient did."""
+    masks = net.rng_states()
+
+    def loss():
+        net.set_rng_states(masks)
+        return float(net.loss(x, t))
+
+    net.set_rng_states(masks)
+    return {k: to_numpy(g) for k, g in net.gradient(x, t).items()}, loss

@@ -14,7 +14,7 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.conftest import assert_gradients_match
+from tests.conftest import assert_gradients_match, gradients_with_fixed_masks
 from xpnet import backend
 from xpnet.backend import BackendError, BackendMismatchError, to_cpu
 from xpnet.gradcheck import numerical_gradient, numerical_gradient_at, relative_error
@@ -176,14 +176,7 @@ def test_deep_convnet_sampled_gradient(xp, rng, input_dim):
     x, t = data(xp, rng, 2, input_dim, 10)
     h = 1e-6
 
-    masks = net.rng_states()
-
-    def loss():
-        net.set_rng_states(masks)  # the same dropout masks in every pass
-        return float(net.loss(x, t))
-
-    net.set_rng_states(masks)
-    grads = {k: to_cpu(g) for k, g in net.gradient(x, t).items()}
+    grads, loss = gradients_with_fixed_masks(net, x, t)
     pick = np.random.default_rng(0)
     for k, p in net.params.items():
         g = grads[k].reshape(-1)

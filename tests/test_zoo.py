@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from tests.conftest import gradients_with_fixed_masks
 from xpnet import backend
 from xpnet.backend import to_cpu
 from xpnet.gradcheck import numerical_gradient_at
@@ -124,14 +125,7 @@ def test_sampled_gradient_check_float64(xp, name):
     for k, p in net.params.items():
         if k.split(".")[-1].startswith(("b", "beta")):
             p[...] = xp.asarray(r.normal(0.0, 0.1, p.shape))
-    masks = net.rng_states()
-
-    def loss():
-        net.set_rng_states(masks)  # the same dropout masks in every pass
-        return float(net.loss(x, t))
-
-    net.set_rng_states(masks)
-    grads = {k: to_cpu(g) for k, g in net.gradient(x, t).items()}
+    grads, loss = gradients_with_fixed_masks(net, x, t)
     zero = set(zero_gradient_keys(net))
     if "plain" in name or "factorized" in name:
         assert not zero
