@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 from xpnet import backend
-from xpnet.datasets import DatasetNotFoundError
+from xpnet.datasets import DatasetNotFoundError, load_mnist
 from xpnet.train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -98,6 +98,29 @@ def test_module_entry_point_quiet():
     proc = run_cli(*TINY, "--quiet", module=True)
     assert proc.returncode == 0, proc.stderr
     assert ACC_LINE.fullmatch(proc.stdout.strip())
+
+
+def test_validation_split_keeps_the_test_set_out(monkeypatch, capsys):
+    built = {}
+    real = cli.Trainer
+
+    def spy(network, x_train, t_train, x_test, t_test, **kwargs):
+        built.update(train=len(x_train), test=x_test, val=len(kwargs["x_val"]),
+                     first_val_label=int(kwargs["t_val"][0]))
+        return real(network, x_train, t_train, x_test, t_test, **kwargs)
+
+    monkeypatch.setattr(cli, "Trainer", spy)
+    assert cli.main([*TINY, "--limit-train", "500", "--validation", "200", "--quiet"]) == 0
+    (_, t), _ = load_mnist()
+    assert built == {"train": 300, "test": None, "val": 200, "first_val_label": int(t[300])}
+    assert re.fullmatch(r"validation accuracy: \d{1,3}\.\d\d%", capsys.readouterr().out.strip())
+
+
+def test_validation_that_leaves_no_training_images_is_refused(capsys):
+    assert cli.main([*TINY, "--limit-train", "500", "--validation", "500"]) == 2
+    err = capsys.readouterr().err
+    [line] = err.strip().splitlines()
+    assert line.endswith(": error: --validation 500 leaves no training images: there are 500")
 
 
 def test_plot_writes_a_png(tmp_path, capsys):

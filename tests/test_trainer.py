@@ -133,6 +133,31 @@ def test_shuffling_is_without_replacement_and_seeded(xp):
     assert not all(np.array_equal(p, q) for p, q in zip(a[:5], a[5:], strict=True))
 
 
+def test_validation_without_a_test_set(xp, capsys):
+    """A search of settings on a validation split never touches a test set."""
+    x, t, _, _ = mnist(600, 0)
+    seen = []
+
+    class CountingNet(MultiLayerNet):
+        def accuracy(self, x, t, batch_size=100):
+            seen.append(int(x.shape[0]))
+            return super().accuracy(x, t, batch_size)
+
+    trainer = Trainer(CountingNet(784, [20], 10), x[:400], t[:400], None, None, epochs=2,
+                      evaluate_sample_num_per_epoch=50, x_val=x[400:], t_val=t[400:], seed=0,
+                      optimizer_param={"lr": 0.01})
+    trainer.train()
+    out = capsys.readouterr().out
+    assert seen == [50, 200, 50, 200, 200]  # train (sampled), val (all) per epoch; final val
+    assert trainer.final_test_acc is None and trainer.test_acc_list == []
+    assert trainer.history["test_acc"] == [None, None]
+    assert trainer.final_val_acc == trainer.history["val_acc"][-1] > 0.5
+    assert "test acc" not in out
+    assert f"validation accuracy: {100 * trainer.final_val_acc:.2f}% (no test set given)" in out
+    with pytest.raises(ValueError, match="give both x_test and t_test, or neither"):
+        Trainer(small_net(), x, t, x, None)
+
+
 # ------------------------------------------------------------ early stopping
 def test_early_stopping_restores_the_best_epoch(xp, capsys):
     x, t, xt, tt = mnist(1000, 200)

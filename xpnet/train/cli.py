@@ -146,10 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory holding the data set's four files (.gz or not)")
     p.add_argument("--limit-train", metavar="N", type=_positive_int, default=None,
                    help="train on the first N training images only (quick runs)")
+    p.add_argument("--validation", metavar="N", type=_positive_int, default=None,
+                   help="hold out the last N training images (after --limit-train) as a "
+                        "validation split, measured in full after every epoch; the test set "
+                        "is then not used at all and the run ends with the validation "
+                        "accuracy (for choosing settings)")
     p.add_argument("--backend", choices=list(backend.BACKENDS), default=None,
                    help="array backend; overrides DL_BACKEND (default: DL_BACKEND or numpy)")
     p.add_argument("--quiet", action="store_true",
-                   help="print only the final test accuracy")
+                   help="print only the final test accuracy (validation accuracy with "
+                        "--validation)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="on the GPU, record the train step as a CUDA graph and replay it "
                         "(faster; ignored on the CPU)")
@@ -427,9 +433,11 @@ def _curves_figure(trainer: Trainer, eval_samples: int | None) -> Any:
         return f"{name} (first {n} images)" if n < total else f"{name} (all {total} images)"
 
     ax_acc.plot(epochs, hist["train_acc"], "o-", label=label("train", len(trainer.x_train)))
-    ax_acc.plot(epochs, hist["test_acc"], "s-", label=label("test", len(trainer.x_test)))
+    if trainer.x_test is not None:
+        ax_acc.plot(epochs, hist["test_acc"], "s-", label=label("test", len(trainer.x_test)))
     if hist.get("val_acc"):
-        ax_acc.plot(epochs, hist["val_acc"], "^-", label="validation")
+        ax_acc.plot(epochs, hist["val_acc"], "^-",
+                    label=f"validation (all {len(trainer.x_val)} images)")
     final = trainer.final_test_acc
     if final is not None and epochs:
         ax_acc.plot([epochs[-1]], [final], "*", ms=12,
@@ -438,8 +446,10 @@ def _curves_figure(trainer: Trainer, eval_samples: int | None) -> Any:
     ax_acc.set_ylabel("accuracy")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend()
+    val = trainer.final_val_acc
     fig.suptitle(f"{type(trainer.network).__name__}"
-                 + (f" - final test accuracy {100 * final:.2f}%" if final is not None else ""))
+                 + (f" - final test accuracy {100 * final:.2f}%" if final is not None else
+                    f" - final validation accuracy {100 * val:.2f}%" if val is not None else ""))
     fig.tight_layout()
     return fig
 
@@ -508,6 +518,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.limit_train is not None:
         x_train, t_train = x_train[:args.limit_train], t_train[:args.limit_train]
+    x_val = t_val = None
+    if args.validation is not None:
+        if args.validation >= len(x_train):
+            return refuse(f"--validation {args.validation} leaves no training images: there "
+                          f"are {len(x_train)}")
+        cut = len(x_train) - args.validation
+        x_train, x_val = x_train[:cut], x_train[cut:]
+        t_train, t_val = t_train[:cut], t_train[cut:]
+        x_test = t_test = None  # a search of settings never sees the test set
     batch = min(args.batch_size, len(x_train))
     if args.batch_size > len(x_train):
         warn(f"warning: --batch-size {args.batch_size} is larger than the {len(x_train)} "
@@ -534,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError) as exc:
         return refuse(_cli_words(str(exc).strip('"'), args))
     try:
-        trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=args.epochs,
+        trainer = Trainer(network, x_train, t_train, x_test, t_test, x_val=x_val, t_val=t_val,
+                          epochs=args.epochs,
                           mini_batch_size=batch, optimizer=args.optimizer,
                           optimizer_param=optimizer_param, augment=args.augment,
                           lr_schedule=args.lr_schedule, comm=comm,
@@ -545,18 +565,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return refuse(_cli_words(str(exc), args))
     n_params = sum(int(p.size) for p in network.params.values())
-    evaluated = min(EVAL_SAMPLES, len(x_test))
+    if x_val is None:
+        held_out = f"{len(x_test)} test images"
+        measured = (f"per-epoch accuracies on the first {min(EVAL_SAMPLES, len(x_test))} "
+                    f"images, the final one on all {len(x_test)}")
+    else:
+        held_out = f"{len(x_val)} validation images (the test set is not used)"
+        measured = (f"train accuracy on the first {min(EVAL_SAMPLES, len(x_train))} "
+                    f"images, validation accuracy on all {len(x_val)}, every epoch")
     say(f"model: {args.model} ({n_params:,} parameters, {np.dtype(network.dtype).name}) | "
-        f"data: {args.dataset}, {len(x_train)} train / {len(x_test)} test images")
+        f"data: {args.dataset}, {len(x_train)} train / {held_out}")
     optimizer = repr(trainer.optimizer)
     if ckpt is not None:
         hyper = (ckpt.optimizer or {}).get("hyper") or {}
         optimizer = (f"{(ckpt.optimizer or {}).get('type', optimizer)}("
                      + ", ".join(f"{k}={v}" for k, v in hyper.items()) + ") from the checkpoint")
     say(f"optimizer: {optimizer} | {args.epochs} epoch(s) of "
-        f"{trainer.iter_per_epoch} steps, batch {batch}, seed {args.seed} | "
-        f"per-epoch accuracies on the first {evaluated} images, the final one on all "
-        f"{len(x_test)}")
+        f"{trainer.iter_per_epoch} steps, batch {batch}, seed {args.seed} | {measured}")
     t0 = time.perf_counter()
     try:
         trainer.train(resume=args.resume)
@@ -574,7 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if comm.size > 1:
         say(f"data parallel: {comm.size} processes ({comm.kind}), batch {batch // comm.size} "
             "each")
-    if args.quiet:
+    if args.quiet and x_val is not None:
+        print(f"validation accuracy: {100 * trainer.final_val_acc:.2f}%")
+    elif args.quiet:
         print(f"test accuracy: {100 * trainer.final_test_acc:.2f}%")
     else:
         say(f"training time: {elapsed:.1f} s")

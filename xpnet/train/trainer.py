@@ -104,6 +104,10 @@ def _host_array(name: str, a: Any) -> np.ndarray:
 class Trainer:
     """Train ``network`` on ``(x_train, t_train)``; evaluate on ``(x_test, t_test)``.
 
+    ``x_test`` and ``t_test`` may both be None (a search of settings on a validation
+    split, which should never see the test set): test accuracies are then None and
+    ``final_test_acc`` stays None; ``final_val_acc`` is measured on all of ``x_val``.
+
     The first nine arguments are the book's.  ``optimizer`` is a name for
     :func:`xpnet.optim.get_optimizer` (case-insensitive: 'sgd', 'momentum',
     'nesterov', 'adagrad', 'rmsprop', 'adam', 'adamw') built with ``optimizer_param``,
@@ -187,7 +191,10 @@ class Trainer:
 
         self.x_train, self.t_train = _host_array("x_train", x_train), _host_array("t_train",
                                                                                    t_train)
-        self.x_test, self.t_test = _host_array("x_test", x_test), _host_array("t_test", t_test)
+        if (x_test is None) != (t_test is None):
+            raise ValueError("Trainer: give both x_test and t_test, or neither")
+        self.x_test = None if x_test is None else _host_array("x_test", x_test)
+        self.t_test = None if t_test is None else _host_array("t_test", t_test)
         if (x_val is None) != (t_val is None):
             raise ValueError("Trainer: give both x_val and t_val, or neither")
         self.x_val = None if x_val is None else _host_array("x_val", x_val)
@@ -289,6 +296,7 @@ class Trainer:
         if self.x_val is not None:
             self.history["val_acc"] = []
         self.final_test_acc: float | None = None
+        self.final_val_acc: float | None = None
         self.stop_training = False
         self.stopped_early = False
         self.best_score: float | None = None
@@ -833,10 +841,11 @@ class Trainer:
         mean_loss = self._epoch_mean_loss()
         num = self.evaluate_sample_num_per_epoch
         train_acc = self.evaluate(self.x_train, self.t_train, num)
-        test_acc = self.evaluate(self.x_test, self.t_test, num)
+        test_acc = None if self.x_test is None else self.evaluate(self.x_test, self.t_test, num)
         val_acc = None if self.x_val is None else self.evaluate(self.x_val, self.t_val)
         self.train_acc_list.append(train_acc)
-        self.test_acc_list.append(test_acc)
+        if test_acc is not None:
+            self.test_acc_list.append(test_acc)
         lr = getattr(self.optimizer, "lr", None)
         h = self.history
         h["epoch"].append(epoch)
@@ -855,8 +864,9 @@ class Trainer:
         if self.book_output:
             print(f"=== epoch:{epoch}, train acc:{train_acc}, test acc:{test_acc} ===", flush=True)
         else:
-            line = (f"epoch {epoch}/{self.epochs}: loss {mean_loss:.4f}, train acc "
-                    f"{train_acc:.4f}, test acc {test_acc:.4f}")
+            line = f"epoch {epoch}/{self.epochs}: loss {mean_loss:.4f}, train acc {train_acc:.4f}"
+            if test_acc is not None:
+                line += f", test acc {test_acc:.4f}"
             if val_acc is not None:
                 line += f", val acc {val_acc:.4f}"
             line += f", {elapsed:.1f} s, {ips:.0f} images/s"
@@ -891,12 +901,19 @@ class Trainer:
             restored = True
             self._say(f"restored the parameters of epoch {self.best_epoch} (best val acc "
                       f"{self.best_score:.4f})")
-        self.final_test_acc = self.evaluate(self.x_test, self.t_test)
+        if self.x_test is not None:
+            self.final_test_acc = self.evaluate(self.x_test, self.t_test)
+        self.final_val_acc = None if self.x_val is None else self.evaluate(self.x_val, self.t_val)
         self._emit("train_end", {"epochs": self.current_epoch, "step": self.current_iter,
                                  "test_acc": self.final_test_acc,
+                                 "val_acc": self.final_val_acc,
                                  "stopped_early": self.stopped_early,
                                  "best_epoch": self.best_epoch, "restored_best": restored})
-        if self.book_output:
+        if self.final_test_acc is None:
+            if self.final_val_acc is not None:
+                self._say(f"validation accuracy: {100 * self.final_val_acc:.2f}% (no test set "
+                          "given)")
+        elif self.book_output:
             print("=============== Final Test Accuracy ===============")
             print("test acc:" + str(self.final_test_acc), flush=True)
         else:
